@@ -1,0 +1,362 @@
+"""Training configuration: typed, validated dataclasses that use the official DINOv2 key names.
+
+Every key of the official ``ssl_default_config.yaml`` exists here with its official default, so an official override
+file (``vitl14.yaml`` style) loads unchanged. Keys we add are documented where they are declared. Loading merges, in
+order: these defaults, ``configs/train/ssl_default.yaml`` (the same values, written out for users to read), the
+user's override file, then ``key=value`` dot-list overrides. An unknown key or a value of the wrong type is a
+one-line :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "train" / "ssl_default.yaml"
+
+DTYPES = ("fp32", "fp16", "bf16")
+SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line and names the offending key."""
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_range(key: str, pair: list[float], low: float = 0.0, high: float = 1.0) -> None:
+    if len(pair) != 2 or not (low <= pair[0] <= pair[1] <= high):
+        raise ConfigError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {list(pair)}")
+
+
+# --- compute_precision: kept at the official depth so official files load; read by the FSDP strategy -------------
+
+
+@dataclass
+class MixedPrecisionConfig:
+    param_dtype: str = "fp16"
+    reduce_dtype: str = "fp16"
+    buffer_dtype: str = "fp32"
+
+
+@dataclass
+class ModulePrecisionConfig:
+    sharding_strategy: str = "SHARD_GRAD_OP"
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+
+
+def _head_precision() -> ModulePrecisionConfig:
+    # The official recipe reduces student head gradients in fp32.
+    return ModulePrecisionConfig(mixed_precision=MixedPrecisionConfig(reduce_dtype="fp32"))
+
+
+@dataclass
+class TeacherPrecisionConfig:
+    backbone: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)
+    dino_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)
+    ibot_head: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)
+
+
+@dataclass
+class StudentPrecisionConfig:
+    backbone: ModulePrecisionConfig = field(default_factory=ModulePrecisionConfig)
+    dino_head: ModulePrecisionConfig = field(default_factory=_head_precision)
+    ibot_head: ModulePrecisionConfig = field(default_factory=_head_precision)
+
+
+@dataclass
+class ComputePrecisionConfig:
+    grad_scaler: bool = True
+    teacher: TeacherPrecisionConfig = field(default_factory=TeacherPrecisionConfig)
+    student: StudentPrecisionConfig = field(default_factory=StudentPrecisionConfig)
+
+    def validate(self) -> None:
+        for role in ("teacher", "student"):
+            for module in ("backbone", "dino_head", "ibot_head"):
+                prefix = f"compute_precision.{role}.{module}"
+                cfg: ModulePrecisionConfig = getattr(getattr(self, role), module)
+                _check_choice(f"{prefix}.sharding_strategy", cfg.sharding_strategy, SHARDING_STRATEGIES)
+                for name in ("param_dtype", "reduce_dtype", "buffer_dtype"):
+                    _check_choice(f"{prefix}.mixed_precision.{name}", getattr(cfg.mixed_precision, name), DTYPES)
+
+
+# --- the sections users edit ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelWeightsConfig:
+    WEIGHTS: str = ""  # initial weights used only when the output directory holds no checkpoint
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class TrainSection:
+    batch_size_per_gpu: int = 64
+    dataset_path: str = "ImageNet:split=TRAIN"  # ours: an image folder, .tar shards (globs / braces) or a file list
+    output_dir: str = "."
+    saveckp_freq: int = 20  # accepted for compatibility; never read (as in the official code)
+    seed: int = 0  # read here (the official code ignores it)
+    num_workers: int = 10
+    OFFICIAL_EPOCH_LENGTH: int = 1250
+    cache_dataset: bool = True  # accepted for compatibility; never read (as in the official code)
+    centering: str = "centering"
+    # --- ours ---
+    device: str = "auto"  # auto | cpu | cuda
+    autocast_dtype: str = "bf16"  # bf16 | fp16 | fp32: torch.autocast dtype on CPU and on CUDA
+    checkpoint_period: int = 3750  # iterations between periodic checkpoints (official: 3 epochs)
+    max_to_keep: int = 3  # periodic checkpoints retained (the newest valid one is never deleted)
+    log_period: int = 10  # iterations between metric lines
+    nonfinite_policy: str = "skip"  # skip | abort: what a NaN/inf loss or grad norm does
+    max_consecutive_nonfinite: int = 3  # abort after this many non-finite steps in a row
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resume checks
+    max_iter: int = -1  # stop after this many iterations (-1: optim.epochs * OFFICIAL_EPOCH_LENGTH)
+    tensorboard: bool = False  # also log to TensorBoard (JSON lines are always written)
+
+    def validate(self) -> None:
+        _check_positive("train.batch_size_per_gpu", self.batch_size_per_gpu)
+        _check_positive("train.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("train.OFFICIAL_EPOCH_LENGTH", self.OFFICIAL_EPOCH_LENGTH)
+        _check_choice("train.centering", self.centering, ("centering", "sinkhorn_knopp"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train.autocast_dtype", self.autocast_dtype, DTYPES)
+        _check_positive("train.checkpoint_period", self.checkpoint_period)
+        _check_positive("train.max_to_keep", self.max_to_keep)
+        _check_positive("train.log_period", self.log_period)
+        _check_choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "abort"))
+        _check_positive("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit_large"
+    patch_size: int = 16
+    drop_path_rate: float = 0.3
+    layerscale: float = 1.0e-05
+    drop_path_uniform: bool = True
+    pretrained_weights: str = ""  # ours: any official/timm/HF/our layout, loaded strictly into student and teacher
+    ffn_layer: str = "mlp"
+    block_chunks: int = 0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    num_register_tokens: int = 0
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    # --- ours ---
+    attn_backend: str = "auto"  # auto | sdpa | xformers | eager (env DINOV2_ATTN_BACKEND overrides)
+    # any-size ViT when arch is "vit_custom"
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+
+    def validate(self) -> None:
+        _check_positive("student.patch_size", self.patch_size)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"student.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+        _check_choice("student.ffn_layer", self.ffn_layer, ("mlp", "swiglu", "swiglufused", "identity"))
+        _check_positive("student.block_chunks", self.block_chunks, allow_zero=True)
+        _check_positive("student.num_register_tokens", self.num_register_tokens, allow_zero=True)
+        _check_choice("student.attn_backend", self.attn_backend, ("auto", "sdpa", "xformers", "eager"))
+        if self.arch == "vit_custom" and self.embed_dim % self.num_heads:
+            raise ConfigError(f"student.embed_dim: {self.embed_dim} is not divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+    def validate(self) -> None:
+        for key in ("momentum_teacher", "final_momentum_teacher"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"teacher.{key}: must be in [0, 1], got {getattr(self, key)}")
+        _check_positive("teacher.warmup_teacher_temp", self.warmup_teacher_temp)
+        _check_positive("teacher.teacher_temp", self.teacher_temp)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    base_lr: float = 0.004  # for a total batch of 1024
+    lr: float = 0.0  # placeholder kept for compatibility; the scaled lr is derived by `scaled_lr`
+    warmup_epochs: int = 10
+    min_lr: float = 1.0e-06
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    scaling_rule: str = "sqrt_wrt_1024"
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+    def validate(self) -> None:
+        _check_positive("optim.epochs", self.epochs)
+        _check_positive("optim.base_lr", self.base_lr, allow_zero=True)
+        _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
+        _check_choice("optim.scaling_rule", self.scaling_rule, ("sqrt_wrt_1024", "linear_wrt_256", "none"))
+        if self.warmup_epochs + self.freeze_last_layer_epochs > 2 * self.epochs:
+            raise ConfigError(f"optim.warmup_epochs: {self.warmup_epochs} is longer than optim.epochs={self.epochs}")
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    # ours: "intended" applies blur with probability 1.0 / 0.1 / 0.5 (global 1 / global 2 / local) as the official
+    # code documents; "official" reproduces its inverted behaviour (0.0 / 0.9 / 0.5) that the released weights saw.
+    blur_mode: str = "intended"
+
+    def validate(self) -> None:
+        _check_range("crops.global_crops_scale", self.global_crops_scale)
+        _check_range("crops.local_crops_scale", self.local_crops_scale)
+        _check_positive("crops.local_crops_number", self.local_crops_number, allow_zero=True)
+        _check_positive("crops.global_crops_size", self.global_crops_size)
+        _check_positive("crops.local_crops_size", self.local_crops_size)
+        _check_choice("crops.blur_mode", self.blur_mode, ("intended", "official"))
+
+
+@dataclass
+class EvaluationConfig:
+    eval_period_iterations: int = 12500  # teacher export (and kNN, when knn_train_dataset is set) period
+    # ours: labelled image folders for a kNN check during training (empty: export only)
+    knn_train_dataset: str = ""
+    knn_val_dataset: str = ""
+
+
+@dataclass
+class TrainConfig:
+    MODEL: ModelWeightsConfig = field(default_factory=ModelWeightsConfig)
+    compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.compute_precision.validate()
+        self.train.validate()
+        self.student.validate()
+        self.teacher.validate()
+        self.optim.validate()
+        self.crops.validate()
+        if self.dino.loss_weight <= 0 and self.ibot.loss_weight <= 0:
+            raise ConfigError("dino.loss_weight: DINO and iBOT are both disabled; nothing would be trained")
+        _check_range("ibot.mask_ratio_min_max", self.ibot.mask_ratio_min_max)
+        for key in ("global_crops_size", "local_crops_size"):
+            size = getattr(self.crops, key)
+            if size % self.student.patch_size:
+                raise ConfigError(f"crops.{key}: {size} is not a multiple of student.patch_size={self.student.patch_size}")
+
+    @property
+    def max_iter(self) -> int:
+        """Total iterations: ``train.max_iter`` when set, else epochs x the official epoch length."""
+        if self.train.max_iter > 0:
+            return self.train.max_iter
+        return self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The peak learning rate after the batch-size scaling rule (official: base_lr * sqrt(B_total / 1024))."""
+    total_batch = cfg.train.batch_size_per_gpu * world_size
+    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
+        return cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
+    if cfg.optim.scaling_rule == "linear_wrt_256":
+        return cfg.optim.base_lr * total_batch / 256.0
+    return cfg.optim.base_lr
+
+
+def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "not in" in first_line or "Missing key" in first_line or "Key '" in first_line:
+        return ConfigError(f"unknown config key '{key}' (from {source})")
+    return ConfigError(f"bad value for config key '{key}' (from {source}): {first_line}")
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Merge defaults, ``ssl_default.yaml``, an override file and dot-list overrides into a validated TrainConfig.
+
+    Raises:
+        ConfigError: one line naming the key, for an unknown key, a wrong type or an invalid value.
+    """
+    merged = OmegaConf.structured(TrainConfig)
+    layers: list[tuple[str, Any]] = [(str(DEFAULT_CONFIG_PATH), DEFAULT_CONFIG_PATH)]
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append((str(path), path))
+    for source, path in layers:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as error:
+            raise _one_line(error, source) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as error:
+            raise _one_line(error, f"command line {item!r}") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _one_line(error, "merged config") from None
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (written to a temp file, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)

@@ -1,0 +1,103 @@
+"""Training schedules as pure functions of the iteration: lr, last-layer lr, weight decay, teacher momentum/temp.
+
+Each schedule reproduces the official ``CosineScheduler`` array exactly (freeze zeros, then a linear warm-up that
+ends on the base value, then a half cosine to the final value; the final value past the end) but is evaluated in
+O(1) per step, so nothing of size ``max_iter`` is built and a resumed run needs no state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dinov2.config import TrainConfig, scaled_lr
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Value at iteration ``it`` of the official cosine schedule.
+
+    Layout over ``total_iters``: ``freeze_iters`` zeros, ``warmup_iters`` points of
+    ``linspace(start_warmup_value, base_value)``, then ``final + (base - final) * (1 + cos(pi * i / n)) / 2`` for
+    ``i = 0..n-1`` with ``n = total - warmup - freeze``. Iterations at or past the end give ``final_value``.
+    """
+
+    base_value: float
+    final_value: float
+    total_iters: int
+    warmup_iters: int = 0
+    start_warmup_value: float = 0.0
+    freeze_iters: int = 0
+
+    def __call__(self, it: int) -> float:
+        if it >= self.total_iters:
+            return self.final_value
+        if it < self.freeze_iters:
+            return 0.0
+        it -= self.freeze_iters
+        if it < self.warmup_iters:
+            if self.warmup_iters == 1:  # np.linspace(a, b, 1) == [a]
+                return self.start_warmup_value
+            step = (self.base_value - self.start_warmup_value) / (self.warmup_iters - 1)
+            return self.start_warmup_value + step * it
+        it -= self.warmup_iters
+        n = self.total_iters - self.warmup_iters - self.freeze_iters
+        return self.final_value + 0.5 * (self.base_value - self.final_value) * (1 + math.cos(math.pi * it / n))
+
+
+@dataclass(frozen=True)
+class LinearWarmupSchedule:
+    """Linear from ``start`` to ``end`` over ``warmup_iters`` (the last warm-up point is ``end``), then ``end``."""
+
+    start: float
+    end: float
+    warmup_iters: int
+
+    def __call__(self, it: int) -> float:
+        if it >= self.warmup_iters:
+            return self.end
+        if self.warmup_iters == 1:  # np.linspace(a, b, 1) == [a]
+            return self.start
+        return self.start + (self.end - self.start) * it / (self.warmup_iters - 1)
+
+
+@dataclass(frozen=True)
+class TrainingSchedules:
+    """All per-iteration hyper-parameters of a run."""
+
+    lr: CosineSchedule
+    last_layer_lr: CosineSchedule
+    weight_decay: CosineSchedule
+    momentum: CosineSchedule
+    teacher_temp: LinearWarmupSchedule
+
+    def at(self, it: int) -> dict[str, float]:
+        return {
+            "lr": self.lr(it),
+            "last_layer_lr": self.last_layer_lr(it),
+            "wd": self.weight_decay(it),
+            "mom": self.momentum(it),
+            "teacher_temp": self.teacher_temp(it),
+        }
+
+
+def build_schedules(cfg: TrainConfig, world_size: int) -> TrainingSchedules:
+    """The official schedules; one "epoch" is ``train.OFFICIAL_EPOCH_LENGTH`` iterations, unrelated to data size."""
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total = cfg.optim.epochs * epoch
+    peak_lr = scaled_lr(cfg, world_size)
+    lr = CosineSchedule(peak_lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * epoch)
+    # The last layer's lr is 0 for the first freeze_last_layer_epochs: Adam moments still accumulate (as official).
+    last_layer_lr = CosineSchedule(
+        peak_lr,
+        cfg.optim.min_lr,
+        total,
+        warmup_iters=cfg.optim.warmup_epochs * epoch,
+        freeze_iters=cfg.optim.freeze_last_layer_epochs * epoch,
+    )
+    wd = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
+    momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
+    teacher_temp = LinearWarmupSchedule(
+        cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp, cfg.teacher.warmup_teacher_temp_epochs * epoch
+    )
+    return TrainingSchedules(lr, last_layer_lr, wd, momentum, teacher_temp)
