@@ -1,0 +1,163 @@
+"""Typed curation config: dataclasses, YAML files holding only differences, dotted overrides, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+HASH_METHODS = ("phash", "dhash", "whash")
+INDEX_KINDS = ("auto", "flat", "multihash")
+EXECUTOR_KINDS = ("local", "slurm")
+
+
+@dataclass
+class IngestConfig:
+    """Where images come from and how the manifest is split into shards."""
+
+    sources: list[str] = field(default_factory=list)
+    shard_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class DecodeConfig:
+    """Decode and validation limits for untrusted images."""
+
+    formats: list[str] = field(default_factory=lambda: list(ALLOWED_FORMATS))
+    max_pixels: int = 40_000_000
+    min_size: int = 32
+    max_aspect_ratio: float = 10.0
+    item_timeout_s: float = 20.0
+    worker_memory_mb: int = 4096
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in ALLOWED_FORMATS]
+        if bad:
+            raise ValueError(f"decode.formats: {bad} not in the allowlist {list(ALLOWED_FORMATS)}")
+        if self.max_pixels < 1 or self.min_size < 1 or self.max_aspect_ratio < 1:
+            raise ValueError("decode.max_pixels and decode.min_size must be >= 1, decode.max_aspect_ratio >= 1")
+
+
+@dataclass
+class HashConfig:
+    """Perceptual hashing and near-duplicate search."""
+
+    method: str = "phash"
+    draft_side: int = 512
+    threshold: int = 4
+    index: str = "auto"
+    flat_max: int = 200_000
+    skip_degenerate: bool = True
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in HASH_METHODS:
+            raise ValueError(f"hash.method must be one of {list(HASH_METHODS)}, got {self.method!r}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"hash.index must be one of {list(INDEX_KINDS)}, got {self.index!r}")
+        if self.draft_side < 0:
+            raise ValueError(f"hash.draft_side must be >= 0 (0 = full decode), got {self.draft_side}")
+        if not 0 <= self.threshold < 32:
+            raise ValueError(f"hash.threshold must be in [0, 32), got {self.threshold}")
+
+
+@dataclass
+class ExecutorConfig:
+    """How shards are mapped: a local process pool or a SLURM job array through submitit."""
+
+    kind: str = "local"
+    workers: int = 0
+    max_retries: int = 1
+    slurm_config: str = "slurm/curate_array.yaml"
+    slurm_partition: str = ""
+    slurm_timeout_min: int = 60
+    slurm_cpus_per_task: int = 2
+    slurm_mem_gb: int = 8
+    slurm_shards_per_task: int = 4
+    slurm_array_parallelism: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTOR_KINDS:
+            raise ValueError(f"executor.kind must be one of {list(EXECUTOR_KINDS)}, got {self.kind!r}")
+        if self.workers < 0 or self.max_retries < 0:
+            raise ValueError("executor.workers and executor.max_retries must be >= 0")
+
+
+@dataclass
+class CurateConfig:
+    """Top-level curation config (at most two levels deep)."""
+
+    stages: list[str] = field(default_factory=list)
+    seed: int = 0
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return msg[0] if msg else type(exc).__name__
+
+
+def _clean_omegaconf_error(exc: OmegaConfBaseException) -> ValueError:
+    key = getattr(exc, "full_key", None)
+    head = _first_line(exc)
+    return ValueError(f"config key '{key}': {head}" if key else f"config error: {head}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
+    """Build a validated config from the defaults, an optional YAML of differences, and `key=value` overrides.
+
+    Raises:
+        ValueError: one line naming the offending key (unknown key, wrong type, bad value).
+    """
+    try:
+        merged = OmegaConf.structured(CurateConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _clean_omegaconf_error(exc) from None
+    except ValueError as exc:
+        # __post_init__ validation errors can come wrapped in multi-line OmegaConf text.
+        raise ValueError(_first_line(exc)) from None
+    assert isinstance(cfg, CurateConfig)
+    return cfg
+
+
+def config_to_yaml(cfg: CurateConfig) -> str:
+    """Resolved config as YAML text (stable key order)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def section_dict(cfg: CurateConfig, *names: str) -> dict:
+    """Plain-dict view of the named config sections, for fingerprints and worker payloads."""
+    return {n: dataclasses.asdict(getattr(cfg, n)) for n in names}
+
+
+def describe_keys() -> list[str]:
+    """Every dotted config key with its default, for `--help`."""
+    lines = []
+    for f in dataclasses.fields(CurateConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            for sub in dataclasses.fields(default):
+                lines.append(f"{f.name}.{sub.name}={getattr(default, sub.name)!r}")
+        else:
+            lines.append(f"{f.name}={default!r}")
+    return lines

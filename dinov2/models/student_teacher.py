@@ -1,0 +1,207 @@
+"""Student and EMA teacher (backbone + DINO head + optional iBOT head) and the assembly of the DINOv2 objective.
+
+``forward(batch, teacher_temp)`` returns a dict of named loss terms; it never calls backward. The teacher sees the two
+global crops only; the student sees all crops in one packed multi-crop forward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dinov2.config import StudentConfig, TrainConfig
+from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.models.dino_head import DINOHead
+from dinov2.models.registry import build_backbone
+
+
+def backbone_kwargs(student: StudentConfig, img_size: int) -> dict:
+    """Constructor arguments shared by the student and the teacher backbone."""
+    kwargs = dict(
+        img_size=img_size,
+        patch_size=student.patch_size,
+        init_values=student.layerscale,
+        ffn_layer=student.ffn_layer,
+        block_chunks=student.block_chunks,
+        qkv_bias=student.qkv_bias,
+        proj_bias=student.proj_bias,
+        ffn_bias=student.ffn_bias,
+        num_register_tokens=student.num_register_tokens,
+        interpolate_antialias=student.interpolate_antialias,
+        interpolate_offset=student.interpolate_offset,
+        attn_backend=student.attn_backend,
+    )
+    if student.arch == "vit_custom":
+        kwargs.update(embed_dim=student.embed_dim, depth=student.depth, num_heads=student.num_heads)
+    return kwargs
+
+
+def build_backbones(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) backbones; only the student has stochastic depth."""
+    kwargs = backbone_kwargs(cfg.student, cfg.crops.global_crops_size)
+    student = build_backbone(
+        cfg.student.arch,
+        drop_path_rate=cfg.student.drop_path_rate,
+        drop_path_uniform=cfg.student.drop_path_uniform,
+        **kwargs,
+    )
+    teacher = build_backbone(cfg.student.arch, **kwargs)
+    return student, teacher
+
+
+class StudentTeacher(nn.Module):
+    """The DINOv2 meta-architecture (official ``SSLMetaArch``) without backward, FSDP or device handling."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.separate_ibot_head = cfg.ibot.separate_head
+        self.dino_loss_weight = cfg.dino.loss_weight
+        self.koleo_loss_weight = cfg.dino.koleo_loss_weight
+        self.ibot_loss_weight = cfg.ibot.loss_weight
+        self.centering = cfg.train.centering
+        self.n_local_crops = cfg.crops.local_crops_number
+
+        student_backbone, teacher_backbone = build_backbones(cfg)
+        embed_dim = student_backbone.embed_dim
+        student = {"backbone": student_backbone}
+        teacher = {"backbone": teacher_backbone}
+        # Unlike the official code, iBOT alone with a shared head works: the shared head is built when either needs it.
+        if self.do_dino or (self.do_ibot and not self.separate_ibot_head):
+            student["dino_head"] = DINOHead(
+                embed_dim,
+                cfg.dino.head_n_prototypes,
+                nlayers=cfg.dino.head_nlayers,
+                hidden_dim=cfg.dino.head_hidden_dim,
+                bottleneck_dim=cfg.dino.head_bottleneck_dim,
+            )
+        if self.do_ibot and self.separate_ibot_head:
+            student["ibot_head"] = DINOHead(
+                embed_dim,
+                cfg.ibot.head_n_prototypes,
+                nlayers=cfg.ibot.head_nlayers,
+                hidden_dim=cfg.ibot.head_hidden_dim,
+                bottleneck_dim=cfg.ibot.head_bottleneck_dim,
+            )
+        for name, module in student.items():
+            if name != "backbone":
+                teacher[name] = copy.deepcopy(module)
+        self.student = nn.ModuleDict(student)
+        self.teacher = nn.ModuleDict(teacher)
+        # Teacher = student at initialisation (as official prepare_for_distributed_training).
+        self.teacher.load_state_dict(self.student.state_dict())
+        for param in self.teacher.parameters():
+            param.requires_grad = False
+
+        ibot_prototypes = cfg.ibot.head_n_prototypes if self.separate_ibot_head else cfg.dino.head_n_prototypes
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses stochastic depth
+        return self
+
+    @property
+    def ibot_head_name(self) -> str:
+        return "ibot_head" if self.separate_ibot_head else "dino_head"
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher target probabilities: DINO (2B, K) for the crop-swapped global crops, iBOT (M, K) masked tokens."""
+        global_crops = batch["collated_global_crops"]
+        out = self.teacher["backbone"](global_crops, is_training=True)
+        dino_targets = ibot_targets = None
+        if self.do_dino:
+            first, second = out["x_norm_clstoken"].chunk(2)  # (B, D) each
+            swapped = torch.cat((second, first))  # student crop 1 learns from teacher crop 2 and vice versa
+            logits = self.teacher["dino_head"](swapped).float()  # (2B, K)
+            if self.centering == "centering":
+                dino_targets = self.dino_loss.softmax_center_teacher(logits, teacher_temp)
+                self.dino_loss.update_center(logits)
+            else:
+                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
+        if self.do_ibot:
+            patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
+            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
+            logits = self.teacher[self.ibot_head_name](masked).float()  # (M, K)
+            if self.centering == "centering":
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(logits[None], teacher_temp)[0]
+                self.ibot_patch_loss.update_center(logits[None])
+            else:
+                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    logits, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"]
+                )
+        return dino_targets, ibot_targets
+
+    def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Loss terms of one step. ``total_loss`` is exactly what is back-propagated.
+
+        Args:
+            batch: the collated batch (``collated_global_crops`` (2B,3,G,G) crop-major, ``collated_local_crops``
+                (n_local*B,3,L,L), ``collated_masks`` (2B,N) bool, ``mask_indices_list`` (M,), ``masks_weight``
+                (M,), ``n_masked_patches`` (1,)).
+            teacher_temp: the teacher softmax / Sinkhorn-Knopp temperature of this iteration.
+        """
+        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
+        global_crops = batch["collated_global_crops"]
+        local_crops = batch["collated_local_crops"]
+        masks = batch["collated_masks"]
+        has_locals = self.n_local_crops > 0 and local_crops.shape[0] > 0
+        crops = [global_crops, local_crops] if has_locals else [global_crops]
+        crop_masks = [masks if self.do_ibot else None, None] if has_locals else [masks if self.do_ibot else None]
+        outputs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
+        global_out = outputs[0]
+        global_cls = global_out["x_norm_clstoken"]  # (2B, D)
+
+        losses: dict[str, torch.Tensor] = {}
+        total = global_cls.new_zeros((), dtype=torch.float32)
+        if self.do_dino:
+            n_global_terms = 2  # (n_global - 1) * n_global with two global crops
+            n_local_terms = 2 * self.n_local_crops if has_locals else 0
+            n_terms = n_global_terms + n_local_terms
+            cls_tokens = [global_cls] + ([outputs[1]["x_norm_clstoken"]] if has_locals else [])
+            logits = self.student["dino_head"](torch.cat(cls_tokens)).float()  # (2B + n_local*B, K)
+            global_logits, local_logits = logits[: global_cls.shape[0]], logits[global_cls.shape[0] :]
+            teacher_per_crop = list(dino_targets.chunk(2))  # each (B, K)
+            global_loss = self.dino_loss([global_logits], [dino_targets]) * 2 / n_terms
+            losses["dino_global_crops_loss"] = global_loss
+            total = total + self.dino_loss_weight * global_loss
+            if has_locals:
+                local_loss = self.dino_loss(list(local_logits.chunk(self.n_local_crops)), teacher_per_crop) / n_terms
+                losses["dino_local_crops_loss"] = local_loss
+                total = total + self.dino_loss_weight * local_loss
+        if self.do_koleo:
+            koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2))
+            losses["koleo_loss"] = self.koleo_loss_weight * koleo
+            total = total + losses["koleo_loss"]
+        if self.do_ibot:
+            patches = global_out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
+            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
+            student_logits = self.student[self.ibot_head_name](masked).float()  # (M, K)
+            ibot_loss = self.ibot_patch_loss.forward_masked(
+                student_logits,
+                ibot_targets,
+                student_masks_flat=masks,
+                n_masked_patches=int(batch["n_masked_patches"].item()),
+                masks_weight=batch["masks_weight"],
+            )
+            losses["ibot_loss"] = ibot_loss
+            total = total + self.ibot_loss_weight * ibot_loss
+        losses["total_loss"] = total
+        return losses
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher <- m * teacher + (1 - m) * student, over every parameter of every teacher submodule."""
+        teacher_params, student_params = [], []
+        for name, teacher_module in self.teacher.items():
+            teacher_params.extend(teacher_module.parameters())
+            student_params.extend(self.student[name].parameters())
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)

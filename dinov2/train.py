@@ -1,0 +1,365 @@
+"""``python -m dinov2.train``: DINOv2 self-supervised training (DINO + iBOT + KoLeo) with exact resume.
+
+Usage: ``python -m dinov2.train --config-file F --output-dir D [key=value ...]`` trains in this process (CPU or one
+GPU, or one rank under torchrun / SLURM). Cluster flags (``--slurm``, ``--nodes`` ...) submit the same command
+through submitit instead, see :mod:`dinov2.launch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dinov2.checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
+from dinov2.config import ConfigError, TrainConfig, load_config, save_config, scaled_lr
+from dinov2.data import build_train_loader
+from dinov2.distributed import DistEnv, init_distributed
+from dinov2.metrics import MetricLogger, count_forward_flops, setup_logging
+from dinov2.models.student_teacher import StudentTeacher
+from dinov2.optim import apply_schedules, build_optimizer, build_param_groups
+from dinov2.preemption import PreemptionHandler
+from dinov2.schedules import build_schedules
+
+logger = logging.getLogger("dinov2")
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the non-finite policy says to stop the run."""
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda was requested but no CUDA device is available")
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_initial_weights(model: StudentTeacher, cfg: TrainConfig) -> None:
+    """``student.pretrained_weights``: a backbone in any supported layout, loaded strictly into student and teacher."""
+    if not cfg.student.pretrained_weights:
+        return
+    from dinov2.weights import load_backbone_weights
+
+    for role in ("student", "teacher"):
+        load_backbone_weights(model.__getattr__(role)["backbone"], cfg.student.pretrained_weights)
+    logger.info("initialised student and teacher backbones from %s", cfg.student.pretrained_weights)
+
+
+def flops_per_image(model: StudentTeacher, cfg: TrainConfig, device: torch.device) -> float:
+    """Training FLOPs per image: student forward+backward (3x forward) on all crops plus teacher forward."""
+    backbone = model.teacher["backbone"]
+    g, lsize = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    with torch.no_grad():
+        global_flops = count_forward_flops(backbone, torch.zeros(1, 3, g, g, device=device))
+        local_flops = count_forward_flops(backbone, torch.zeros(1, 3, lsize, lsize, device=device))
+        head_flops = 0.0
+        if "dino_head" in model.teacher:
+            head_flops = count_forward_flops(model.teacher["dino_head"], torch.zeros(1, backbone.embed_dim))
+    student = 2 * global_flops + cfg.crops.local_crops_number * local_flops
+    student += (2 + cfg.crops.local_crops_number) * head_flops
+    teacher = 2 * global_flops + 2 * head_flops
+    return 3 * student + teacher
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def all_finite(values: list[torch.Tensor], env: DistEnv) -> bool:
+    """True when every value is finite on every rank (all ranks agree, so they skip or step together)."""
+    flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))], device=values[0].device)
+    if env.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def reduce_mean(values: dict[str, float], env: DistEnv, device: torch.device) -> dict[str, float]:
+    if env.world_size == 1:
+        return values
+    stacked = torch.tensor(list(values.values()), device=device, dtype=torch.float64)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / env.world_size).tolist()))
+
+
+def export_teacher(model: StudentTeacher, output_dir: Path, iteration: int) -> Path:
+    """``eval/training_<it>/teacher_checkpoint.pth`` in the official layout plus the backbone in the hub layout."""
+    from dinov2.weights import export_backbone
+
+    folder = output_dir / "eval" / f"training_{iteration}"
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher_state = {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()}
+    tmp = folder / "teacher_checkpoint.pth.tmp"
+    torch.save({"teacher": teacher_state}, tmp)
+    tmp.replace(folder / "teacher_checkpoint.pth")
+    export_backbone(model.teacher["backbone"], folder / "teacher_backbone_hub.pth", layout="hub")
+    return folder
+
+
+def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
+    """Train until ``cfg.max_iter``, resuming from the newest valid checkpoint in ``train.output_dir``.
+
+    Returns:
+        A summary: ``iteration`` (last finished), ``losses`` (per-step total loss of this call),
+        ``skipped_steps``, ``images_skipped`` (corrupt inputs) and ``stopped_for_preemption``.
+    """
+    output_dir = Path(cfg.train.output_dir)
+    device = resolve_device(cfg, env)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    autocast_dtype = AUTOCAST_DTYPES[cfg.train.autocast_dtype]
+    use_autocast = autocast_dtype != torch.float32
+
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
+    model = StudentTeacher(cfg).to(device)
+    load_initial_weights(model, cfg)
+    model.train()
+    seed_everything(cfg.train.seed + env.rank)  # per-rank streams (stochastic depth) from here on
+    optimizer = build_optimizer(
+        build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+        cfg.optim.adamw_beta1,
+        cfg.optim.adamw_beta2,
+    )
+    use_scaler = cfg.compute_precision.grad_scaler and autocast_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    schedules = build_schedules(cfg, env.world_size)
+    max_iter = cfg.max_iter
+
+    start_iter, skipped_images_total = 0, {}
+    state = load_latest_checkpoint(output_dir) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
+        start_iter = state["iteration"] + 1
+        skipped_images_total = dict(state.get("images_skipped", {}))
+    elif cfg.MODEL.WEIGHTS:
+        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(weights.get("model", weights))
+        logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+
+    loader = build_train_loader(cfg, env, start_batch=start_iter)
+    metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
+    image_flops = flops_per_image(model, cfg, device) if env.is_main else 0.0
+    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", scaled_lr(cfg, env.world_size),
+                images_per_step, image_flops / 1e9)
+    preemption = PreemptionHandler()
+    preemption.install()
+    student_groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()}
+
+    losses_seen: list[float] = []
+    consecutive_nonfinite, skipped_steps, stopped = 0, 0, False
+    iteration = start_iter - 1
+    step_start = time.perf_counter()
+    for iteration, batch in zip(range(start_iter, max_iter), loader):
+        # --- schedules ---
+        hp = schedules.at(iteration)
+        apply_schedules(optimizer, hp["lr"], hp["wd"], hp["last_layer_lr"])
+        data_time = time.perf_counter() - step_start
+        for reason, count in batch.get("skipped", {}).items():
+            skipped_images_total[reason] = skipped_images_total.get(reason, 0) + int(count)
+        batch = batch_to_device(batch, device)
+
+        # --- forward and loss (centers are restored if this step turns out non-finite) ---
+        centers_before = {k: v.clone() for k, v in model.dino_loss.state_dict().items()}
+        ibot_centers_before = {k: v.clone() for k, v in model.ibot_patch_loss.state_dict().items()}
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            loss_terms = model(batch, hp["teacher_temp"])
+        total_loss = loss_terms["total_loss"]
+
+        # --- backward ---
+        (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
+        if env.world_size > 1:
+            average_gradients(student_groups, env)
+
+        # --- gradient clipping, per student submodule as the official trainer ---
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+        grad_norms = {
+            name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in student_groups.items()
+        }
+
+        # --- non-finite guard: skip the optimizer, EMA and center updates together ---
+        if not all_finite([t.detach() for t in loss_terms.values()] + list(grad_norms.values()), env):
+            consecutive_nonfinite += 1
+            skipped_steps += 1
+            model.dino_loss.load_state_dict(centers_before)
+            model.ibot_patch_loss.load_state_dict(ibot_centers_before)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # lets the fp16 loss scale back off
+            logger.warning("non-finite loss or gradient at iteration %d (%s); step skipped", iteration,
+                           {k: float(v) for k, v in loss_terms.items()})
+            if cfg.train.nonfinite_policy == "abort" or consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {iteration} ({consecutive_nonfinite} consecutive); stopping"
+                )
+            step_start = time.perf_counter()
+            continue
+        consecutive_nonfinite = 0
+
+        # --- optimizer step ---
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        # --- EMA teacher ---
+        model.update_teacher(hp["mom"])
+
+        # --- metrics ---
+        values = {k: float(v.detach()) for k, v in loss_terms.items()}
+        losses_seen.append(values["total_loss"])
+        values = reduce_mean(values, env, device)
+        step_time = time.perf_counter() - step_start
+        images_per_s = images_per_step / max(step_time, 1e-9)
+        values.update(hp)
+        values.update({f"grad_norm_{k}": float(v) for k, v in grad_norms.items()})
+        values.update(
+            iter_time=step_time,
+            data_time=data_time,
+            images_per_s=images_per_s,
+            tflops=image_flops * images_per_s / 1e12,
+            max_mem_mb=peak_memory_mb(device),
+        )
+        metrics.update(iteration, values)
+
+        # --- checkpoint, teacher export, preemption ---
+        last = iteration == max_iter - 1
+        stopped = preemption.should_stop(env)
+        if (iteration + 1) % cfg.train.checkpoint_period == 0 or last or stopped:
+            save_training_state(model, optimizer, scaler, iteration, skipped_images_total, cfg, env)
+        if env.is_main and ((iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last):
+            export_teacher(model, output_dir, iteration)
+        if stopped:
+            logger.info("preemption requested: saved at iteration %d, requeueing", iteration)
+            preemption.requeue(env)
+            break
+        step_start = time.perf_counter()
+
+    metrics.close()
+    return {
+        "iteration": iteration,
+        "losses": losses_seen,
+        "skipped_steps": skipped_steps,
+        "images_skipped": skipped_images_total,
+        "stopped_for_preemption": stopped,
+    }
+
+
+def average_gradients(groups: dict[str, list[torch.nn.Parameter]], env: DistEnv) -> None:
+    """Data parallelism without a wrapper: every rank ends the backward with the mean gradient."""
+    grads = [p.grad for params in groups.values() for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= env.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_training_state(model, optimizer, scaler, iteration: int, images_skipped: dict, cfg: TrainConfig,
+                        env: DistEnv) -> None:
+    """Everything needed to continue at ``iteration + 1`` exactly: weights, centers, optimizer, scaler, RNG, data."""
+    rng = capture_rng_state()
+    if env.world_size > 1:
+        gathered: list = [None] * env.world_size
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+    if env.is_main:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "iteration": iteration,
+            "rng": rng,
+            "loader": {"next_batch": iteration + 1},
+            "images_skipped": images_skipped,
+        }
+        save_checkpoint(cfg.train.output_dir, iteration, state, cfg.train.max_to_keep)
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.train",
+        description="DINOv2 SSL training. Trailing key=value pairs override config keys.",
+    )
+    parser.add_argument("--config-file", default="", help="override file on top of configs/train/ssl_default.yaml")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="checkpoints, logs and exports go here")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the output dir")
+    parser.add_argument("opts", nargs="*", help="config overrides, e.g. train.batch_size_per_gpu=32")
+    from dinov2.launch import add_cluster_arguments
+
+    add_cluster_arguments(parser)
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = parse_args(argv)
+    if unknown:
+        print(f"error: unrecognised arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir).resolve()
+    try:
+        cfg = load_config(args.config_file or None, list(args.opts) + [f"train.output_dir={output_dir}"])
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    from dinov2.launch import wants_cluster
+
+    if wants_cluster(args):
+        from dinov2.launch import submit_training
+
+        return submit_training(args, argv)
+    env = init_distributed(DistEnv.from_environment())
+    setup_logging(output_dir, env.is_main, env.rank)
+    if env.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+    try:
+        summary = train(cfg, env, resume=not args.no_resume)
+    except (ConfigError, ValueError) as error:
+        logger.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logger.info("finished at iteration %d; skipped steps %d; images skipped %s", summary["iteration"],
+                summary["skipped_steps"], summary["images_skipped"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared test set-up: the single-node SLURM cluster fixture and the ``gpu`` marker's skip.
+
+The cluster is started by ``slurm/cluster_up.sh`` (root and apt needed) once per session and left running at the
+end: starting it again is a no-op, and stopping it would only cost the next session ~6 s.
+Set ``REQUIRE_SLURM=1`` (CI as root does) to turn "no cluster" from a skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_UP = REPO_ROOT / "slurm" / "cluster_up.sh"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """A running cluster: its partition and a fresh folder for this session's submitit logs.
+
+    The log folder is new per session because Slurm reuses job ids after its state is wiped, and submitit would
+    then find an old job's result in a reused ``<folder>/<job id>/``.
+    """
+
+    partition: str
+    log_root: Path
+
+    def release_requeue_hold(self, job_id: str) -> bool:
+        """Lets a requeued job start now instead of after Slurm's ~2 min hold. Returns whether it was held."""
+        shown = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+        if "Reason=BeginTime" not in shown:
+            return False
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, check=False)
+        return True
+
+    def wait(self, job, timeout_s: float = 60.0) -> None:
+        """Waits until ``job`` is done, releasing requeue holds on the way; fails the test on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not job.done():
+            if time.monotonic() > deadline:
+                state = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True,
+                                       text=True).stdout
+                pytest.fail(f"SLURM job {job.job_id} not done after {timeout_s} s:\n{state}")
+            self.release_requeue_hold(job.job_id)
+            time.sleep(0.3)
+
+
+def _start_cluster() -> str:
+    """Runs the start script; returns why there is no cluster, or "" when it is up."""
+    if os.geteuid() != 0:
+        return "the SLURM cluster needs root"
+    if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
+        return "SLURM is not installed and apt-get is not available"
+    try:
+        done = subprocess.run(["bash", str(CLUSTER_UP)], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return f"{CLUSTER_UP} did not finish within 300 s"
+    if done.returncode != 0:
+        return f"{CLUSTER_UP} failed: {(done.stderr or done.stdout).strip()[-500:]}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> SlurmCluster:
+    """The single-node cluster, started on first use; skips (or fails under ``REQUIRE_SLURM=1``) without one."""
+    reason = _start_cluster()
+    if reason:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but no SLURM cluster: {reason}")
+        pytest.skip(reason)
+    return SlurmCluster(partition=os.environ.get("SLURM_PARTITION", "debug"),
+                        log_root=tmp_path_factory.mktemp("slurm_logs"))
