@@ -294,7 +294,8 @@ class TrainConfig:
         for key in ("global_crops_size", "local_crops_size"):
             size = getattr(self.crops, key)
             if size % self.student.patch_size:
-                raise ConfigError(f"crops.{key}: {size} is not a multiple of student.patch_size={self.student.patch_size}")
+                patch = self.student.patch_size
+                raise ConfigError(f"crops.{key}: {size} is not a multiple of student.patch_size={patch}")
 
     @property
     def max_iter(self) -> int:

@@ -165,7 +165,9 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
                 images_per_step, image_flops / 1e9)
     preemption = PreemptionHandler()
     preemption.install()
-    student_groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()}
+    student_groups = {
+        name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()
+    }
 
     losses_seen: list[float] = []
     consecutive_nonfinite, skipped_steps, stopped = 0, 0, False
