@@ -72,7 +72,8 @@ class MetricLogger:
         done = iteration + 1 - (self.start_iter or 0)
         elapsed = time.perf_counter() - self.start_time
         eta = elapsed / max(done, 1) * (self.max_iter - iteration - 1)
-        record = {"iteration": iteration, **{k: m.median for k, m in self.meters.items()}, "eta_s": round(eta, 1)}
+        # JSON holds this iteration's exact values (comparable across resumes); the console shows window medians.
+        record = {"iteration": iteration, **latest, "eta_s": round(eta, 1)}
         with self.json_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

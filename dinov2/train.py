@@ -121,6 +121,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         ``skipped_steps``, ``images_skipped`` (corrupt inputs) and ``stopped_for_preemption``.
     """
     output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg, env)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -149,7 +150,6 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
         start_iter = state["iteration"] + 1
         skipped_images_total = dict(state.get("images_skipped", {}))
     elif cfg.MODEL.WEIGHTS:
@@ -169,11 +169,16 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()
     }
 
+    saved_rng = None if state is None else (state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
+
     losses_seen: list[float] = []
     consecutive_nonfinite, skipped_steps, stopped = 0, 0, False
     iteration = start_iter - 1
     step_start = time.perf_counter()
     for iteration, batch in zip(range(start_iter, max_iter), loader):
+        if saved_rng is not None:  # after the first fetch: starting the loader draws from the global RNG
+            restore_rng_state(saved_rng)
+            saved_rng = None
         # --- schedules ---
         hp = schedules.at(iteration)
         apply_schedules(optimizer, hp["lr"], hp["wd"], hp["last_layer_lr"])

@@ -1,0 +1,106 @@
+"""The trainer end to end on a tiny ViT: gradients everywhere, EMA teacher, exact resume, corrupt inputs, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2.config import load_config
+from dinov2.data import build_train_loader
+from dinov2.distributed import DistEnv
+from dinov2.models.student_teacher import StudentTeacher
+from dinov2.train import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_overrides(data: Path, out: Path, max_iter: int) -> list[str]:
+    return [
+        f"train.dataset_path={data}", f"train.output_dir={out}", "student.arch=vit_custom", "student.embed_dim=32",
+        "student.depth=2", "student.num_heads=2", "student.patch_size=8", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
+        "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64",
+        "train.batch_size_per_gpu=4", "train.num_workers=0", f"train.max_iter={max_iter}",
+        "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0",
+        "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=5",
+        "train.autocast_dtype=fp32", "train.deterministic=true",
+    ]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        base = rng.integers(0, 255, (3,), dtype=np.uint8)
+        pixels = np.clip(base + rng.normal(0, 40, (48, 56, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(sub / f"img{i}.jpg")
+    return root
+
+
+def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path):
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 1) + ["ibot.separate_head=true"])
+    model = StudentTeacher(cfg)
+    model.train()
+    batch = next(iter(build_train_loader(cfg, DistEnv.from_environment(), start_batch=0)))
+    losses = model(batch, teacher_temp=0.04)
+    assert {"dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss"} <= set(losses)
+    losses["total_loss"].backward()
+    missing = [n for n, p in model.student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_three_steps_move_teacher_by_ema_and_export(image_folder, tmp_path):
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 3))
+    summary = train(cfg, DistEnv.from_environment())
+    assert summary["iteration"] == 2 and len(summary["losses"]) == 3
+    assert all(np.isfinite(summary["losses"]))
+    state = torch.load(tmp_path / "checkpoints" / "iter_0000002" / "state.pth", weights_only=True)["model"]
+    student = state["student.backbone.cls_token"]
+    teacher = state["teacher.backbone.cls_token"]
+    assert not torch.equal(student, teacher)  # the teacher lags: EMA, not a copy
+    hub = torch.load(tmp_path / "eval" / "training_2" / "teacher_backbone_hub.pth", weights_only=True)
+    assert torch.equal(hub["cls_token"], teacher)
+    lines = (tmp_path / "training_metrics.json").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
+
+
+def test_resume_is_bitwise_identical(image_folder, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = train(load_config(None, tiny_overrides(image_folder, straight, 12)), DistEnv.from_environment())
+    first = train(load_config(None, tiny_overrides(image_folder, split, 6)), DistEnv.from_environment())
+    second = train(load_config(None, tiny_overrides(image_folder, split, 12)), DistEnv.from_environment())
+    assert first["losses"] + second["losses"] == full["losses"]
+    a = torch.load(straight / "checkpoints" / "iter_0000011" / "state.pth", weights_only=True)["model"]
+    b = torch.load(split / "checkpoints" / "iter_0000011" / "state.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, path in enumerate(sorted(image_folder.rglob("*.jpg"))[:8]):
+        (data / f"ok{i}.jpg").write_bytes(path.read_bytes())
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "page.jpg").write_text("<html>not an image</html>")
+    cfg = load_config(None, tiny_overrides(data, tmp_path / "out", 6))
+    summary = train(cfg, DistEnv.from_environment())
+    assert summary["iteration"] == 5
+    assert sum(summary["images_skipped"].values()) >= 2
+
+
+def test_cli_bad_key_is_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dinov2.train", "--output-dir", str(tmp_path), "student.archx=vit_small"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "student.archx" in result.stderr and "Traceback" not in result.stderr
