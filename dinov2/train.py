@@ -23,6 +23,7 @@ from dinov2.checkpoint import capture_rng_state, load_latest_checkpoint, restore
 from dinov2.config import ConfigError, TrainConfig, load_config, save_config, scaled_lr
 from dinov2.data import build_train_loader
 from dinov2.distributed import DistEnv, init_distributed
+from dinov2.eval.knn import evaluate_knn
 from dinov2.metrics import MetricLogger, count_forward_flops, setup_logging
 from dinov2.models.student_teacher import StudentTeacher
 from dinov2.optim import apply_schedules, build_optimizer, build_param_groups
@@ -261,6 +262,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
             save_training_state(model, optimizer, scaler, iteration, skipped_images_total, cfg, env)
         if env.is_main and ((iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last):
             export_teacher(model, output_dir, iteration)
+            if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
+                knn = evaluate_knn(model.teacher["backbone"], cfg.evaluation.knn_train_dataset,
+                                   cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
+                logger.info("kNN top-1 at iteration %d: %s", iteration, knn["top1"])
+                metrics.update(iteration, {f"knn_top1_k{k}": v for k, v in knn["top1"].items()})
         if stopped:
             logger.info("preemption requested: saved at iteration %d, requeueing", iteration)
             preemption.requeue(env)
