@@ -60,7 +60,7 @@ def load_initial_weights(model: StudentTeacher, cfg: TrainConfig) -> None:
     from dinov2.weights import load_backbone_weights
 
     for role in ("student", "teacher"):
-        load_backbone_weights(model.__getattr__(role)["backbone"], cfg.student.pretrained_weights)
+        load_backbone_weights(getattr(model, role)["backbone"], cfg.student.pretrained_weights)
     logger.info("initialised student and teacher backbones from %s", cfg.student.pretrained_weights)
 
 
