@@ -13,6 +13,12 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 HASH_METHODS = ("phash", "dhash", "whash")
 INDEX_KINDS = ("auto", "flat", "multihash")
 EXECUTOR_KINDS = ("local", "slurm")
+EMBEDDER_KINDS = ("torchscript", "dinov2")
+EMBED_DEVICES = ("auto", "cpu", "cuda")
+KNN_INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+CLUSTER_MODES = ("kmeans", "hierarchical")
+CLUSTER_INITS = ("kmeans++", "afkmc2", "random")
+RETRIEVAL_MODES = ("as_is", "sample", "cluster")
 
 
 @dataclass
@@ -92,6 +98,145 @@ class ExecutorConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Embedding models: copy detection (`copy_*`, SSCD contract) and self-supervised retrieval (`ssl_*`)."""
+
+    copy_model: str = ""
+    copy_kind: str = "torchscript"
+    copy_resize: int = 288
+    ssl_model: str = ""
+    ssl_kind: str = "dinov2"
+    ssl_resolution: int = 224
+    ssl_patch_mean: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    loader_workers: int = 2
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        for key in ("copy_kind", "ssl_kind"):
+            if getattr(self, key) not in EMBEDDER_KINDS:
+                raise ValueError(f"embed.{key} must be one of {list(EMBEDDER_KINDS)}, got {getattr(self, key)!r}")
+        if self.device not in EMBED_DEVICES:
+            raise ValueError(f"embed.device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
+        if self.batch_size < 1 or self.chunk_size < 1 or self.loader_workers < 0:
+            raise ValueError("embed.batch_size and embed.chunk_size must be >= 1, embed.loader_workers >= 0")
+
+
+@dataclass
+class CopyDedupConfig:
+    """Copy-detection dedup: kNN graph over copy embeddings, edges above a cosine threshold, components."""
+
+    k: int = 64
+    threshold: float = 0.6
+    index: str = "auto"
+    flat_max: int = 200_000
+    nlist: int = 0
+    nprobe: int = 32
+    pq_m: int = 32
+    rerank: int = 256
+    recall_sample: int = 1000
+    audit_low: float = 0.55
+    audit_high: float = 0.65
+    audit_pairs: int = 200
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.index not in KNN_INDEX_KINDS:
+            raise ValueError(f"copy_dedup.index must be one of {list(KNN_INDEX_KINDS)}, got {self.index!r}")
+        if self.k < 1:
+            raise ValueError(f"copy_dedup.k must be >= 1, got {self.k}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"copy_dedup.threshold must be a cosine in [-1, 1], got {self.threshold}")
+
+
+@dataclass
+class DecontaminateConfig:
+    """Evaluation-set decontamination: pool components touched by an evaluation image are removed."""
+
+    eval_sets: list[str] = field(default_factory=list)
+    threshold: float = 0.45
+    k: int = 64
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
+
+
+@dataclass
+class ClusterConfig:
+    """Spherical k-means (flat) or hierarchical k-means with resampling on the retrieval embeddings."""
+
+    mode: str = "kmeans"
+    n_clusters: int = 100_000
+    iterations: int = 20
+    init: str = "kmeans++"
+    levels: list[int] = field(default_factory=lambda: [10_000, 1_000, 100])
+    resample_steps: int = 10
+    resample_size: int = 0
+    balanced_size: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in CLUSTER_MODES:
+            raise ValueError(f"cluster.mode must be one of {list(CLUSTER_MODES)}, got {self.mode!r}")
+        if self.init not in CLUSTER_INITS:
+            raise ValueError(f"cluster.init must be one of {list(CLUSTER_INITS)}, got {self.init!r}")
+        if self.n_clusters < 1 or self.iterations < 1 or any(k < 1 for k in self.levels):
+            raise ValueError("cluster.n_clusters, cluster.iterations and cluster.levels must be >= 1")
+
+
+@dataclass
+class SeedSetConfig:
+    """One curated seed set and how pool images are retrieved for it."""
+
+    name: str = ""
+    sources: list[str] = field(default_factory=list)
+    mode: str = "sample"
+    n_neighbors: int = 4
+    min_similarity: float = -1.0
+    per_cluster: int = 10_000
+    min_seeds_in_cluster: int = 3
+    max_images: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.mode not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieve.seed_sets mode must be one of {list(RETRIEVAL_MODES)}, got {self.mode!r}")
+
+
+@dataclass
+class RetrieveConfig:
+    """Curated seed sets; the union of what they retrieve (plus any balanced sample) is the selection."""
+
+    seed_sets: list[SeedSetConfig] = field(default_factory=list)
+
+
+@dataclass
+class ShardsConfig:
+    """WebDataset tar shards of the selected images."""
+
+    prefix: str = "curated"
+    max_count: int = 10_000
+    max_bytes: int = 1_000_000_000
+    reencode: bool = False
+    quality: int = 90
+    max_side: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_count < 1 or self.max_bytes < 1:
+            raise ValueError("shards.max_count and shards.max_bytes must be >= 1")
+
+
+@dataclass
+class ReportConfig:
+    """HTML report: how many examples of each kind to show."""
+
+    dup_examples: int = 8
+    retrieval_examples: int = 6
+    thumb_size: int = 128
+
+
+@dataclass
 class CurateConfig:
     """Top-level curation config (at most two levels deep)."""
 
@@ -101,6 +246,13 @@ class CurateConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    copy_dedup: CopyDedupConfig = field(default_factory=CopyDedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def _first_line(exc: BaseException) -> str:
