@@ -31,12 +31,18 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+# The plan also carries each file's modification time, so that a file rewritten in place (same size, new bytes)
+# changes the ingest fingerprint and is re-read; the manifest itself stays free of mtimes (byte-stable copies).
+PLAN_SCHEMA = MANIFEST_SCHEMA.append(pa.field("mtime_ns", pa.int64()))
+
+
 def stable_id(source: str, locator: str) -> str:
     """16-hex id from the source spec and the item's location inside it (independent of content and run)."""
     return hashlib.sha256(f"{source}\0{locator}".encode()).hexdigest()[:16]
 
 
-def _row(source: str, locator: str, path: str, member: str | None, nbytes: int, reason: str = "") -> dict:
+def _row(source: str, locator: str, path: str, member: str | None, nbytes: int, reason: str = "",
+         mtime_ns: int = 0) -> dict:
     return {
         "id": stable_id(source, locator),
         "source": source,
@@ -46,6 +52,7 @@ def _row(source: str, locator: str, path: str, member: str | None, nbytes: int, 
         "sha256": "",
         "status": "rejected" if reason else "pending",
         "reject_reason": reason,
+        "mtime_ns": mtime_ns,
     }
 
 
@@ -67,12 +74,14 @@ def unsafe_member_reason(info: tarfile.TarInfo) -> str:
 
 def _list_tar(source: str, tar_path: Path, locator: str) -> list[dict]:
     rows = []
+    tar_mtime = tar_path.stat().st_mtime_ns
     with tarfile.open(tar_path, "r:*") as tf:
         for info in tf:
             if info.isdir() or not info.name.lower().endswith(IMAGE_SUFFIXES) and not unsafe_member_reason(info):
                 continue  # non-image members of a sample (.json, .cls) are metadata, not images
             reason = unsafe_member_reason(info)
-            rows.append(_row(source, f"{locator}::{info.name}", str(tar_path), info.name, info.size, reason))
+            rows.append(_row(source, f"{locator}::{info.name}", str(tar_path), info.name, info.size, reason,
+                             tar_mtime))
     return rows
 
 
@@ -83,7 +92,8 @@ def _list_file(source: str, locator: str, path: Path) -> list[dict]:
         return [_row(source, locator, str(path), None, 0, "symlink")]
     if not path.is_file():
         return [_row(source, locator, str(path), None, 0, "missing_file")]
-    return [_row(source, locator, str(path), None, path.stat().st_size)]
+    st = path.stat()
+    return [_row(source, locator, str(path), None, st.st_size, mtime_ns=st.st_mtime_ns)]
 
 
 def _read_list(list_path: Path) -> list[str]:
@@ -156,7 +166,7 @@ def hash_shard(cfg: CurateConfig, rows: pa.Table) -> pa.Table:
 def reject_rows(rows: pa.Table, reason: str) -> pa.Table:
     """Result rows for items whose worker died: rejected with `reason`."""
     out = [{**r, "status": "rejected", "reject_reason": reason} for r in rows.to_pylist()]
-    return pa.Table.from_pylist(out, schema=rows.schema)
+    return pa.Table.from_pylist(out, schema=MANIFEST_SCHEMA)
 
 
 def plan_ingest(ctx: StageContext) -> pa.Table:
@@ -169,7 +179,7 @@ def plan_ingest(ctx: StageContext) -> pa.Table:
         if r["id"] not in seen:
             seen.add(r["id"])
             unique.append(r)
-    return pa.Table.from_pylist(unique, schema=MANIFEST_SCHEMA)
+    return pa.Table.from_pylist(unique, schema=PLAN_SCHEMA)
 
 
 def finish_ingest(ctx: StageContext, table: pa.Table) -> dict:

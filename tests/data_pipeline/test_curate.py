@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -99,6 +100,28 @@ def test_rerun_writes_nothing(planted_run):
     results = curate(_cfg(src), out)
     assert all(r.skipped for r in results)
     assert _snapshot(out) == before
+
+
+def test_file_rewritten_in_place_with_same_size_is_reingested(planted_src, tmp_path):
+    src, _ = planted_src
+    local = tmp_path / "src"
+    local.mkdir()
+    names = sorted(p.name for p in src.iterdir() if p.suffix == ".png")[:3]
+    for name in names:
+        (local / name).write_bytes((src / name).read_bytes())
+    out = tmp_path / "out"
+    curate(_cfg(local), out, ["ingest"])
+    victim = local / names[0]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF  # same size, different bytes (inside the final IEND/IDAT tail)
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    results = curate(_cfg(local), out, ["ingest"])
+    assert not results[0].skipped
+    rows = {Path(r["path"]).name: r for r in pq.read_table(out / "ingest" / "manifest.parquet").to_pylist()}
+
+    assert rows[names[0]]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+    assert "mtime_ns" not in pq.read_table(out / "ingest" / "manifest.parquet").column_names
 
 
 def test_config_change_reruns_only_affected_stages(planted_src, tmp_path):

@@ -1,0 +1,181 @@
+"""Benchmark: does a short CPU run learn? kNN top-1 of the trained teacher vs the same ViT at random init.
+
+Usage:
+    python bench/learning.py                  # ~10 minutes on 2 cores
+    python bench/learning.py --iters 60       # a smoke run
+    python bench/learning.py --data tux       # force a data set: tux (default when installed) or photos
+
+Data (real images, nothing downloaded at run time):
+- ``tux``: Debian's ``tuxpaint-stamps-default`` (``apt-get install tuxpaint-stamps-default``): drawings and photos of
+  objects under ``/usr/share/tuxpaint/stamps/<category>/``. Classes are the top-level categories with at least 30
+  images (animals, food, household, plants, seasonal, symbols, town, vehicles), at most 80 images per class,
+  composited onto white at 64 px. Per class a seeded 60/40 split gives the kNN train and val sets; the SSL run sees
+  the train images only, without labels.
+- ``photos`` (fallback): random crops of the scikit-image / scikit-learn sample photographs, one class per photo.
+
+Protocol: official kNN (cosine on L2-normalised CLS features, T = 0.07, weighted voting) at k = 10 and 20, on the
+teacher backbone after training, against the identical architecture and seed at random initialisation. Training is
+``python -m dinov2.train``'s loop (DINO + iBOT + KoLeo, multi-crop, EMA teacher), fp32 on the CPU (bf16 is slower
+than fp32 on CPUs without AMX, see bench/train_step.py). Results are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.config import load_config  # noqa: E402
+from dinov2.distributed import DistEnv  # noqa: E402
+from dinov2.eval.knn import evaluate_knn  # noqa: E402
+from dinov2.metrics import setup_logging  # noqa: E402
+from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
+from dinov2.train import train  # noqa: E402
+
+TUX_ROOT = Path("/usr/share/tuxpaint/stamps")
+IMAGE_PX = 64
+MIN_PER_CLASS, MAX_PER_CLASS = 30, 80
+
+
+def on_white(path: Path, side: int) -> Image.Image:
+    """A stamp (often RGBA) composited onto white and fitted into a ``side`` x ``side`` square."""
+    im = Image.open(path).convert("RGBA")
+    im.thumbnail((side, side), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    canvas.alpha_composite(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return canvas.convert("RGB")
+
+
+def tux_classes() -> dict[str, list[Path]]:
+    """Top-level stamp categories with enough PNGs, each capped at MAX_PER_CLASS (seeded choice)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for category in sorted(p for p in TUX_ROOT.iterdir() if p.is_dir()):
+        files = sorted(category.rglob("*.png"))
+        if len(files) >= MIN_PER_CLASS:
+            pick = rng.choice(len(files), size=min(len(files), MAX_PER_CLASS), replace=False)
+            out[category.name] = [files[i] for i in sorted(pick)]
+    return out
+
+
+def write_tux(root: Path) -> int:
+    """Write train (labelled + unlabelled copy) and val folders; returns the number of classes."""
+    rng = np.random.default_rng(1)
+    classes = tux_classes()
+    for name, files in classes.items():
+        order = rng.permutation(len(files))
+        n_train = int(round(0.6 * len(files)))
+        for rank, i in enumerate(order):
+            split = "knn_train" if rank < n_train else "knn_val"
+            image = on_white(files[i], IMAGE_PX)
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            image.save(root / split / name / f"{i:03d}.png")
+            if split == "knn_train":
+                (root / "ssl").mkdir(parents=True, exist_ok=True)
+                image.save(root / "ssl" / f"{name}_{i:03d}.png")
+    return len(classes)
+
+
+def write_photos(root: Path) -> int:
+    """Fallback: crops of bundled sample photographs, one class per photograph."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    names = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "coins", "moon")
+    photos = {n: np.asarray(getattr(skimage.data, n)()) for n in names}
+    photos.update(zip(("china", "flower"), load_sample_images().images))
+    rng = np.random.default_rng(0)
+    for split, per_class in (("knn_train", 40), ("knn_val", 20)):
+        for name, image in photos.items():
+            image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+            h, w = image.shape[:2]
+            for i in range(per_class):
+                size = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+                top, left = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
+                crop = Image.fromarray(image[top : top + size, left : left + size]).resize((IMAGE_PX, IMAGE_PX))
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                crop.save(root / split / name / f"{i:03d}.png")
+                if split == "knn_train":
+                    (root / "ssl").mkdir(parents=True, exist_ok=True)
+                    crop.save(root / "ssl" / f"{name}_{i:03d}.png")
+    return len(photos)
+
+
+def training_overrides(data: Path, out: Path, iters: int) -> list[str]:
+    """A ViT small enough for 2 cores: 128-d, 6 blocks, patch 8 at 64 px (8 x 8 tokens), 4 local crops of 32 px."""
+    epoch = max(1, iters // 20)  # 20 'epochs' whatever the length, so warm-ups keep their share
+    return [
+        f"train.dataset_path={data}", f"train.output_dir={out}",
+        "student.arch=vit_custom", "student.embed_dim=128", "student.depth=6", "student.num_heads=4",
+        "student.patch_size=8", "student.drop_path_rate=0.1", f"crops.global_crops_size={IMAGE_PX}",
+        "crops.local_crops_size=32", "crops.local_crops_number=4", "dino.head_n_prototypes=1024",
+        "dino.head_hidden_dim=512", "dino.head_bottleneck_dim=128", "ibot.head_n_prototypes=1024",
+        "train.batch_size_per_gpu=32", "train.num_workers=2", f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
+        f"optim.epochs={max(1, -(-iters // epoch))}", f"train.max_iter={iters}", "optim.warmup_epochs=2",
+        "optim.base_lr=0.002", "teacher.warmup_teacher_temp_epochs=3", "teacher.momentum_teacher=0.99",
+        "train.device=cpu", "train.autocast_dtype=fp32", "train.log_period=20", f"train.checkpoint_period={iters}",
+        f"evaluation.eval_period_iterations={iters}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
+    parser.add_argument("--data", choices=("auto", "tux", "photos"), default="auto")
+    parser.add_argument("--workdir", default="", help="keep data and run here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.iters < 20:
+        parser.error("--iters must be >= 20")
+    data_kind = args.data
+    if data_kind == "auto":
+        data_kind = "tux" if TUX_ROOT.is_dir() else "photos"
+    if data_kind == "tux" and not TUX_ROOT.is_dir():
+        print("tuxpaint-stamps-default is not installed: apt-get install tuxpaint-stamps-default", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        n_classes = write_tux(root) if data_kind == "tux" else write_photos(root)
+        n_train = sum(1 for _ in (root / "knn_train").rglob("*.png"))
+        n_val = sum(1 for _ in (root / "knn_val").rglob("*.png"))
+        cfg = load_config(None, training_overrides(root / "ssl", root / "run", args.iters))
+        setup_logging(root / "run", True, 0)
+        torch.manual_seed(cfg.train.seed)
+        random_backbone = StudentTeacher(cfg).teacher["backbone"]
+        knn = (root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20))
+        before = evaluate_knn(random_backbone, *knn)["top1"]
+        t_train = time.perf_counter()
+        summary = train(cfg, DistEnv(), resume=False)
+        train_s = time.perf_counter() - t_train
+        state = torch.load(sorted((root / "run" / "checkpoints").glob("iter_*"))[-1] / "state.pth",
+                           weights_only=True)
+        trained = StudentTeacher(cfg)
+        trained.load_state_dict(state["model"])
+        after = evaluate_knn(trained.teacher["backbone"], *knn)["top1"]
+        total_s = time.perf_counter() - start
+
+    losses = summary["losses"]
+    print(f"\nLearning check: {data_kind} data, {n_classes} classes, {n_train} kNN-train / {n_val} kNN-val images "
+          f"at {IMAGE_PX} px; ViT 128-d x 6 blocks, patch 8; {summary['iteration'] + 1} iterations x "
+          f"{cfg.train.batch_size_per_gpu} images, fp32 CPU, {torch.get_num_threads()} threads")
+    print(f"{'model':<14} {'kNN top-1 k=10':>15} {'kNN top-1 k=20':>15}")
+    print(f"{'random init':<14} {before['10']:>14.1f}% {before['20']:>14.1f}%")
+    print(f"{'trained':<14} {after['10']:>14.1f}% {after['20']:>14.1f}%")
+    print(f"{'gain':<14} {after['10'] - before['10']:>+14.1f}  {after['20'] - before['20']:>+14.1f}")
+    print(f"chance {100 / n_classes:.1f}%; loss {losses[0]:.3f} -> {losses[-1]:.3f}; training {train_s / 60:.1f} min, "
+          f"whole benchmark {total_s / 60:.1f} min (target: clear gain within 15 min on 2 cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
