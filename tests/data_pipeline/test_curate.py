@@ -119,7 +119,6 @@ def test_file_rewritten_in_place_with_same_size_is_reingested(planted_src, tmp_p
     results = curate(_cfg(local), out, ["ingest"])
     assert not results[0].skipped
     rows = {Path(r["path"]).name: r for r in pq.read_table(out / "ingest" / "manifest.parquet").to_pylist()}
-
     assert rows[names[0]]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
     assert "mtime_ns" not in pq.read_table(out / "ingest" / "manifest.parquet").column_names
 
