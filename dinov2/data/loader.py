@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov2.data.augment import MultiCropAugmentation
@@ -64,10 +64,26 @@ class DecodeError(Exception):
         self.detail = detail
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; unchanged when there is none or it cannot be read."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not cost the image
+        return image
+    if orientation in (None, 1):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        return image
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image (``Image.open`` + ``convert("RGB")`` as the official loader).
 
-    16-bit grayscale images are scaled to 8 bits first (``convert`` alone clips them to near-white).
+    Unlike the official loader, EXIF orientation is applied (phone photos would otherwise train sideways; curated
+    shards keep original bytes, EXIF included). 16-bit grayscale images are scaled to 8 bits first (``convert``
+    alone clips them to near-white).
 
     Args:
         data: the encoded file.
@@ -89,6 +105,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             if image.width * image.height > max_pixels:
                 raise DecodeError("too_many_pixels", f"{image.width}x{image.height} > {max_pixels} pixels")
+            image = _upright(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 wide = np.asarray(image, dtype=np.float64)
                 image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")

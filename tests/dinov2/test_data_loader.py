@@ -205,3 +205,17 @@ def test_build_train_loader_from_a_train_config(image_dir):
         "batch_size": 2,
         "num_samples": 12,
     }
+
+
+def test_decode_image_applies_exif_orientation():
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # left half white, landscape as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = decode_image(buf.getvalue())
+    assert upright.size == (20, 40)  # portrait once turned
+    top = np.asarray(upright)[:10].mean()
+    bottom = np.asarray(upright)[-10:].mean()
+    assert top > 200 and bottom < 50  # the white left half is on top after a 90-degree clockwise turn
