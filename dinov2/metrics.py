@@ -54,7 +54,12 @@ class MetricLogger:
         self.start_iter: int | None = None
         self.writer = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked
+            try:  # optional dependency, imported only when asked
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "train.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]'"
+                ) from None
 
             self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
 

@@ -1,9 +1,10 @@
 """kNN evaluation with the official DINOv2 protocol: L2-normalised CLS features, cosine similarity, the top-k
 neighbours vote with weights softmax(sim / T), k in {10, 20, 100, 200}, T = 0.07.
 
-CLI: ``python -m dinov2.eval.knn --weights W --train-dataset DIR --val-dataset DIR [--image-size 224]``. A labelled
-dataset is a folder with one sub-folder per class (any depth below it). ``--weights`` takes an official release, an
-official ``teacher_checkpoint.pth``, one of our checkpoints or exports.
+CLI: ``python -m dinov2.eval.knn --weights W --train-dataset D --val-dataset D [--image-size 224]``. A labelled
+dataset is a folder with one sub-folder per class (any depth below it) or WebDataset shards whose samples carry a
+``.cls`` label (see :mod:`dinov2.eval.datasets`). ``--weights`` takes an official release, an official
+``teacher_checkpoint.pth``, one of our checkpoints or exports.
 """
 
 from __future__ import annotations
@@ -12,96 +13,44 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
+
+from dinov2.data.sources import ImageFileSource, ImageSource
+from dinov2.eval.datasets import (  # noqa: F401  (re-exported: the public API of this module before datasets.py)
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LabelledImages,
+    eval_transform,
+    list_labelled_images,
+    open_labelled,
+)
+from dinov2.eval.features import extract_features
 
 logger = logging.getLogger("dinov2")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_KS = (10, 20, 100, 200)
 
 
-@dataclass(frozen=True)
-class LabelledImages:
-    paths: list[Path]
-    labels: torch.Tensor  # (n,) int64
-    classes: list[str]
-
-
-def list_labelled_images(root: str | Path, classes: list[str] | None = None) -> LabelledImages:
-    """Images under ``root/<class>/**``, sorted; ``classes`` fixes the label order (e.g. the train split's)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"labelled dataset folder not found: {root}")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    classes = classes if classes is not None else found
-    index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
-    for name in found:
-        if name not in index:
-            raise ValueError(f"class folder {root / name} is not among the training classes")
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                paths.append(path)
-                labels.append(index[name])
-    if not paths:
-        raise ValueError(f"no images found under {root} (expected one sub-folder per class)")
-    return LabelledImages(paths, torch.tensor(labels, dtype=torch.int64), list(classes))
-
-
-def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Resize the short side to image_size/0.875 (256 for 224, bicubic), centre-crop, normalise -> (3, S, S)."""
-    from torchvision.transforms.v2 import functional as TF
-
-    resize = int(round(image_size / 0.875))
-    image = TF.resize(image, resize, interpolation=TF.InterpolationMode.BICUBIC)
-    image = TF.center_crop(image, [image_size, image_size])
-    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], image_size: int) -> None:
-        self.paths = paths
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            with Image.open(self.paths[i]) as image:
-                return eval_transform(image.convert("RGB"), self.image_size), True
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return torch.zeros(3, self.image_size, self.image_size), False
-
-
-@torch.inference_mode()
 def extract_cls_features(
-    model: nn.Module, paths: list[Path], image_size: int, batch_size: int = 64, num_workers: int = 0
+    model: nn.Module,
+    data: list[Path] | LabelledImages | ImageSource,
+    image_size: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised CLS features (n, D) in fp32 and a validity mask (n,) (False for unreadable images)."""
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(paths, image_size), batch_size=batch_size, num_workers=num_workers, shuffle=False
-    )
-    features, valid = [], []
-    was_training = model.training
-    model.eval()
-    for images, ok in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda")):
-            cls = model.forward_features(images.to(device))["x_norm_clstoken"]
-        features.append(F.normalize(cls.float(), dim=-1).cpu())
-        valid.append(ok)
-    model.train(was_training)
-    return torch.cat(features), torch.cat(valid)
+    """L2-normalised CLS features (n, D) in fp32 and a validity mask (n,) (False for unreadable images).
+
+    ``data`` is a list of image paths, a labelled dataset or any image source.
+    """
+    if isinstance(data, list):
+        data = ImageFileSource([str(p) for p in data])
+    feats, valid = extract_features(model, data, image_size, ("cls",), batch_size=batch_size, num_workers=num_workers)
+    return F.normalize(feats["cls"], dim=-1), valid
 
 
 def knn_classify(
@@ -147,11 +96,11 @@ def evaluate_knn(
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> dict:
-    """kNN top-1 of ``model`` (anything with ``forward_features``) on two labelled folders."""
-    train = list_labelled_images(train_dataset)
-    val = list_labelled_images(val_dataset, classes=train.classes)
-    train_feats, train_ok = extract_cls_features(model, train.paths, image_size, batch_size, num_workers)
-    val_feats, val_ok = extract_cls_features(model, val.paths, image_size, batch_size, num_workers)
+    """kNN top-1 of ``model`` (a backbone) on two labelled datasets (class folders or ``.cls`` shards)."""
+    train = open_labelled(train_dataset)
+    val = open_labelled(val_dataset, classes=train.classes)
+    train_feats, train_ok = extract_cls_features(model, train, image_size, batch_size, num_workers)
+    val_feats, val_ok = extract_cls_features(model, val, image_size, batch_size, num_workers)
     top1 = knn_classify(
         train_feats[train_ok], train.labels[train_ok], val_feats[val_ok], val.labels[val_ok], ks, temperature
     )
