@@ -21,6 +21,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "trai
 
 DTYPES = ("fp32", "fp16", "bf16")
 SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
+PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")  # train.strategy, see dinov2/parallel.py
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,13 @@ class TrainSection:
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resume checks
     max_iter: int = -1  # stop after this many iterations (-1: optim.epochs * OFFICIAL_EPOCH_LENGTH)
     tensorboard: bool = False  # also log to TensorBoard (JSON lines are always written)
+    # auto | fsdp | ddp | none; auto: none at world size 1, else fsdp on CUDA and ddp on CPU (dinov2/parallel.py)
+    strategy: str = "auto"
+    # Phase start (e.g. the 518 px adaptation, dinov2/highres.py), used only while output_dir has no checkpoint:
+    # a run's output dir (its newest checkpoint), a checkpoint dir/file, or a backbone file in any supported layout.
+    init_from: str = ""
+    init_heads: str = "checkpoint"  # checkpoint | fresh: heads and loss centers from init_from, or newly initialised
+    head_warmup_iters: int = 0  # first iterations train the heads only (backbone grads dropped, its EMA paused)
 
     def validate(self) -> None:
         _check_positive("train.batch_size_per_gpu", self.batch_size_per_gpu)
@@ -158,6 +166,9 @@ class TrainSection:
         _check_positive("train.log_period", self.log_period)
         _check_choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "abort"))
         _check_positive("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
+        _check_choice("train.strategy", self.strategy, PARALLEL_STRATEGIES)
+        _check_choice("train.init_heads", self.init_heads, ("checkpoint", "fresh"))
+        _check_positive("train.head_warmup_iters", self.head_warmup_iters, allow_zero=True)
 
 
 @dataclass
@@ -291,6 +302,8 @@ class TrainConfig:
         if self.dino.loss_weight <= 0 and self.ibot.loss_weight <= 0:
             raise ConfigError("dino.loss_weight: DINO and iBOT are both disabled; nothing would be trained")
         _check_range("ibot.mask_ratio_min_max", self.ibot.mask_ratio_min_max)
+        if self.train.init_from and (self.MODEL.WEIGHTS or self.student.pretrained_weights):
+            raise ConfigError("train.init_from: set either it or MODEL.WEIGHTS / student.pretrained_weights, not both")
         for key in ("global_crops_size", "local_crops_size"):
             size = getattr(self.crops, key)
             if size % self.student.patch_size:

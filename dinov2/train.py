@@ -19,13 +19,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2.checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
+from dinov2 import parallel
+from dinov2.checkpoint import (
+    STATE_FILE,
+    capture_rng_state,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_extras,
+    load_sharded_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from dinov2.config import ConfigError, TrainConfig, load_config, save_config, scaled_lr
 from dinov2.data import build_train_loader
 from dinov2.distributed import DistEnv, init_distributed
 from dinov2.eval.knn import evaluate_knn
+from dinov2.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
 from dinov2.metrics import MetricLogger, count_forward_flops, setup_logging
-from dinov2.models.student_teacher import StudentTeacher
+from dinov2.models.student_teacher import StudentTeacher, build_backbones
 from dinov2.optim import apply_schedules, build_optimizer, build_param_groups
 from dinov2.preemption import PreemptionHandler
 from dinov2.schedules import build_schedules
@@ -100,18 +112,43 @@ def reduce_mean(values: dict[str, float], env: DistEnv, device: torch.device) ->
     return dict(zip(values, (stacked / env.world_size).tolist()))
 
 
-def export_teacher(model: StudentTeacher, output_dir: Path, iteration: int) -> Path:
-    """``eval/training_<it>/teacher_checkpoint.pth`` in the official layout plus the backbone in the hub layout."""
+def gather_teacher_state(model: StudentTeacher, sharded: bool) -> dict[str, torch.Tensor]:
+    """The full teacher state dict on CPU (``backbone.*``, ``dino_head.*``...). Under FSDP a collective that every
+    rank enters; only rank 0 receives the tensors (the others get ``{}``)."""
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model.teacher, options=options)
+
+
+def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, iteration: int) -> Path:
+    """``eval/training_<it>/``: ``teacher_checkpoint.pth`` in the official layout, plus the backbone in the hub
+    layout as ``teacher_backbone_hub.pth`` and ``teacher_backbone_hub.safetensors``."""
     from dinov2.weights import export_backbone
 
     folder = output_dir / "eval" / f"training_{iteration}"
     folder.mkdir(parents=True, exist_ok=True)
-    teacher_state = {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()}
     tmp = folder / "teacher_checkpoint.pth.tmp"
     torch.save({"teacher": teacher_state}, tmp)
     tmp.replace(folder / "teacher_checkpoint.pth")
-    export_backbone(model.teacher["backbone"], folder / "teacher_backbone_hub.pth", layout="hub")
+    backbone = {k.removeprefix("backbone."): v for k, v in teacher_state.items() if k.startswith("backbone.")}
+    export_backbone(backbone, folder / "teacher_backbone_hub.pth", layout="hub")
+    export_backbone(backbone, folder / "teacher_backbone_hub.safetensors", layout="hub")
     return folder
+
+
+def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], cfg: TrainConfig,
+                 device: torch.device, sharded: bool) -> torch.nn.Module:
+    """The teacher backbone for rank 0's kNN check: the live module, or an unsharded copy under FSDP (a sharded
+    forward on one rank would wait forever for the others)."""
+    if not sharded:
+        return model.teacher["backbone"]
+    _, backbone = build_backbones(cfg)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher_state.items()
+                              if k.startswith("backbone.")})
+    return backbone.to(device).eval()
 
 
 def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
@@ -132,35 +169,44 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
     model = StudentTeacher(cfg).to(device)
     load_initial_weights(model, cfg)
+    init_phase_from(model, cfg, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
     model.train()
+    # Counted on rank 0 alone, so before sharding turns every forward into a collective.
+    image_flops = flops_per_image(model, cfg, device) if env.is_main else 0.0
+    checkpoint_dir = latest_checkpoint(output_dir) if resume else None
+    if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
+        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(weights.get("model", weights))
+        logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+    strategy = parallel.resolve_strategy(cfg, env, device)
+    forward_model = parallel.wrap_student_teacher(model, cfg, env, device)  # the optimizer must see sharded params
+    sharded = parallel.is_sharded(model)
     seed_everything(cfg.train.seed + env.rank)  # per-rank streams (stochastic depth) from here on
     optimizer = build_optimizer(
         build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
         cfg.optim.adamw_beta1,
         cfg.optim.adamw_beta2,
     )
-    use_scaler = cfg.compute_precision.grad_scaler and autocast_dtype == torch.float16
+    use_scaler = cfg.compute_precision.grad_scaler and (
+        autocast_dtype == torch.float16 or parallel.computes_in_fp16(model, cfg, device)
+    )
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     schedules = build_schedules(cfg, env.world_size)
     max_iter = cfg.max_iter
 
-    start_iter, skipped_images_total = 0, {}
-    state = load_latest_checkpoint(output_dir) if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_iter = state["iteration"] + 1
-        skipped_images_total = dict(state.get("images_skipped", {}))
-    elif cfg.MODEL.WEIGHTS:
-        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
-        model.load_state_dict(weights.get("model", weights))
-        logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+    start_iter, skipped_images_total, saved_rng = 0, {}, None
+    if checkpoint_dir is not None:
+        resumed = restore_training_state(checkpoint_dir, model, optimizer, scaler, env)
+        start_iter = resumed["iteration"] + 1
+        skipped_images_total = dict(resumed.get("images_skipped", {}))
+        saved_rng = resumed.get("rng")
+        if saved_rng is None:
+            # Saved at another world size: per-rank streams cannot carry over, so fresh ones derive from
+            # (seed, rank, iteration); the data stream still continues at the global batch index.
+            seed_everything(cfg.train.seed + env.rank + 1_000_003 * start_iter)
 
     loader = build_train_loader(cfg, env, start_batch=start_iter)
     metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
-    image_flops = flops_per_image(model, cfg, device) if env.is_main else 0.0
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size
     logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", scaled_lr(cfg, env.world_size),
                 images_per_step, image_flops / 1e9)
@@ -169,8 +215,6 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
     student_groups = {
         name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()
     }
-
-    saved_rng = None if state is None else (state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
 
     losses_seen: list[float] = []
     consecutive_nonfinite, skipped_steps, stopped = 0, 0, False
@@ -193,21 +237,20 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         ibot_centers_before = {k: v.clone() for k, v in model.ibot_patch_loss.state_dict().items()}
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            loss_terms = model(batch, hp["teacher_temp"])
+            loss_terms = forward_model(batch, hp["teacher_temp"])
         total_loss = loss_terms["total_loss"]
 
         # --- backward ---
         (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
-        if env.world_size > 1:
-            average_gradients(student_groups, env)
+        if strategy == "none" and env.world_size > 1:
+            parallel.average_gradients(student_groups, env)
+        backbone_frozen = freeze_backbone_grads(model, cfg, iteration)  # head-only warm-up
 
         # --- gradient clipping, per student submodule as the official trainer ---
         if scaler is not None:
             scaler.unscale_(optimizer)
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-        grad_norms = {
-            name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in student_groups.items()
-        }
+        grad_norms = parallel.clip_grad_norms(student_groups, max_norm)  # global norms, also over FSDP shards
 
         # --- non-finite guard: skip the optimizer, EMA and center updates together ---
         if not all_finite([t.detach() for t in loss_terms.values()] + list(grad_norms.values()), env):
@@ -236,7 +279,12 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
             optimizer.step()
 
         # --- EMA teacher ---
-        model.update_teacher(hp["mom"])
+        if sharded:
+            parallel.reshard_teacher(model)  # EMA on local shards: the gathered root weights must be freed first
+        if backbone_frozen:
+            update_teacher_heads(model, hp["mom"])
+        else:
+            parallel.update_teacher(model, hp["mom"])
 
         # --- metrics ---
         values = {k: float(v.detach()) for k, v in loss_terms.items()}
@@ -260,15 +308,20 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         stopped = preemption.should_stop(env)
         if (iteration + 1) % cfg.train.checkpoint_period == 0 or last or stopped:
             save_training_state(model, optimizer, scaler, iteration, skipped_images_total, cfg, env)
-        if env.is_main and ((iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last):
-            export_teacher(model, output_dir, iteration)
+        export_now = (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last
+        gather = export_now and (sharded or env.is_main)  # a collective under FSDP, rank 0's business otherwise
+        teacher_state = gather_teacher_state(model, sharded) if gather else {}
+        if env.is_main and export_now:
+            export_teacher(teacher_state, output_dir, iteration)
             if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
-                knn = evaluate_knn(model.teacher["backbone"], cfg.evaluation.knn_train_dataset,
+                knn = evaluate_knn(knn_backbone(model, teacher_state, cfg, device, sharded),
+                                   cfg.evaluation.knn_train_dataset,
                                    cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
                 logger.info("kNN top-1 at iteration %d: %s", iteration, knn["top1"])
                 metrics.update(iteration, {f"knn_top1_k{k}": v for k, v in knn["top1"].items()})
         if stopped:
             logger.info("preemption requested: saved at iteration %d, requeueing", iteration)
+            metrics.close()  # under SLURM requeue() never returns
             preemption.requeue(env)
             break
         step_start = time.perf_counter()
@@ -283,18 +336,6 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
     }
 
 
-def average_gradients(groups: dict[str, list[torch.nn.Parameter]], env: DistEnv) -> None:
-    """Data parallelism without a wrapper: every rank ends the backward with the mean gradient."""
-    grads = [p.grad for params in groups.values() for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= env.world_size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -305,25 +346,35 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def save_training_state(model, optimizer, scaler, iteration: int, images_skipped: dict, cfg: TrainConfig,
                         env: DistEnv) -> None:
-    """Everything needed to continue at ``iteration + 1`` exactly: weights, centers, optimizer, scaler, RNG, data."""
-    rng = capture_rng_state()
-    if env.world_size > 1:
-        gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
-    if env.is_main:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
+    """Everything needed to continue at ``iteration + 1`` exactly: weights, centers, optimizer, scaler, RNG, data.
+
+    With a process group (any strategy) every rank writes a sharded DCP checkpoint; a lone process writes one file.
+    """
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        extras = {
             "iteration": iteration,
-            "rng": rng,
-            "loader": {"next_batch": iteration + 1},
+            "world_size": env.world_size,
+            "rng": capture_rng_state(),
+            "loader": {"next_batch": iteration + 1},  # the global batch index: valid at any world size
             "images_skipped": images_skipped,
+            "scaler": scaler.state_dict() if scaler is not None else {},
         }
-        save_checkpoint(cfg.train.output_dir, iteration, state, cfg.train.max_to_keep)
-    if env.world_size > 1:
-        dist.barrier()
+        save_sharded_checkpoint(cfg.train.output_dir, iteration, {"model": model_state, "optimizer": optimizer_state},
+                                extras, env.rank, cfg.train.max_to_keep)
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "iteration": iteration,
+        "rng": capture_rng_state(),
+        "loader": {"next_batch": iteration + 1},
+        "images_skipped": images_skipped,
+    }
+    save_checkpoint(cfg.train.output_dir, iteration, state, cfg.train.max_to_keep)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -376,3 +427,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def restore_training_state(path: Path, model: StudentTeacher, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None, env: DistEnv) -> dict:
+    """Loads a checkpoint of either layout into ``model`` (plain, DDP-wrapped or FSDP-sharded) at any world size.
+
+    Returns:
+        ``iteration``, ``images_skipped`` and ``rng``: this rank's saved RNG state, or None when the checkpoint was
+        written at another world size (the caller reseeds).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if is_sharded_checkpoint(path):
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # templates: this run's sharding
+        state = {"model": model_state, "optimizer": optimizer_state}
+        load_sharded_checkpoint(path, state)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        extras, _ = load_extras(path, env.rank, env.world_size)
+    else:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        logger.info("resuming from %s (iteration %d)", path, state["iteration"])
+        if parallel.is_sharded(model):
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=named_optimizer_state(model, optimizer, state["optimizer"]),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        rng = state.get("rng")
+        if isinstance(rng, list):  # written by the older all-ranks-in-one-file layout
+            rng = rng[env.rank] if len(rng) == env.world_size else None
+        elif env.world_size != 1:
+            rng = None
+        extras = {**state, "rng": rng}
+    if scaler is not None and extras.get("scaler"):
+        scaler.load_state_dict(extras["scaler"])
+    return extras
+
+
+def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered by position) re-keyed by parameter name, the form
+    ``set_optimizer_state_dict`` takes. Valid because every strategy builds the same groups in the same order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[index]: value for index, value in plain["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in plain["param_groups"]],
+    }
