@@ -170,3 +170,46 @@ def imgtools() -> SimpleNamespace:
     """The image helpers above, for test modules (conftest is not importable under --import-mode=importlib)."""
     return SimpleNamespace(load_photos=load_photos, encode=encode, make_planted=make_planted,
                            make_malformed=make_malformed)
+
+
+def build_copy_model(path: Path) -> Path:
+    """A TorchScript copy-detection descriptor with the SSCD contract ([B, 3, H, W] ImageNet-normalised -> [B, 192]).
+
+    No training: 8x8 adaptive-average thumbnail per channel, minus its per-image channel mean, flattened and
+    L2-normalised; robust to rescaling, re-encoding and mild colour shifts, so planted copies score high.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class ThumbDescriptor(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = F.adaptive_avg_pool2d(x, 8)  # [B, 3, 8, 8]
+            t = t - t.mean(dim=(2, 3), keepdim=True)
+            return F.normalize(t.flatten(1), dim=1)  # [B, 192]
+
+    torch.jit.script(ThumbDescriptor()).save(str(path))
+    return path
+
+
+def build_ssl_model(path: Path) -> Path:
+    """A tiny random-init ViT (D=128, depth 2, 2 heads, patch 14, 56 px grid) exported in the official hub layout."""
+    import torch
+
+    from dinov2.models.registry import build_backbone
+    from dinov2.weights import export_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_custom", embed_dim=128, depth=2, num_heads=2, patch_size=14, img_size=56)
+    return export_backbone(model, path, layout="hub")
+
+
+@pytest.fixture(scope="session")
+def copy_model_path(tmp_path_factory) -> Path:
+    """TorchScript stand-in for SSCD (see `build_copy_model`); session-scoped, never modify it."""
+    return build_copy_model(tmp_path_factory.mktemp("models") / "thumb_copy.torchscript.pt")
+
+
+@pytest.fixture(scope="session")
+def ssl_model_path(tmp_path_factory) -> Path:
+    """Tiny ViT checkpoint in the DINOv2 hub layout (see `build_ssl_model`); session-scoped, never modify it."""
+    return build_ssl_model(tmp_path_factory.mktemp("models") / "tiny_vit14.pth")

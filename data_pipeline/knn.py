@@ -1,0 +1,357 @@
+"""Cosine kNN over L2-normalised embeddings with Faiss: exact flat search or IVF / IVF-PQ plus an exact re-rank.
+
+Cosine similarity is the inner product because every vector is L2-normalised upstream. Faiss takes C-contiguous
+float32 only, so float16 (possibly memory-mapped) arrays are converted one block at a time: memory stays bounded by
+the block sizes plus the index itself (flat and IVF-Flat hold a float32 copy of the base; IVF-PQ holds `pq_m` bytes
+per vector).
+
+Every similarity returned is recomputed exactly from the stored vectors (`exact_scores`), whatever index produced the
+candidates, and rows are ordered by (similarity desc, index asc). So the same pair gets the same float32 score from
+any index kind and from either endpoint, and outputs are deterministic for a fixed thread count and seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import faiss
+import numpy as np
+
+KINDS = ("auto", "flat", "ivf", "ivfpq")
+# Upper bound on the float32 buffer the re-rank gathers at once ([queries, candidates, d]).
+RERANK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    """Index choice and search knobs; the copy_dedup config section carries the same names.
+
+    Attributes:
+        index: auto (flat up to `flat_max` base vectors, else ivf), flat (exact), ivf (IVF-Flat), ivfpq (IVF-PQ).
+        flat_max: largest base searched exactly under index=auto.
+        nlist: IVF lists; 0 = auto (about 4 * sqrt(n), at most n / 39 and 65536).
+        nprobe: IVF lists visited per query.
+        pq_m: IVF-PQ sub-quantizers (must divide d); 8 bits each.
+        rerank: approximate candidates fetched per query before the exact re-rank keeps the top k.
+        threads: Faiss OpenMP threads (fixed, because float reductions depend on it).
+        seed: seeds the IVF training sample and Faiss k-means.
+        query_block: queries searched at once.
+        base_block: base vectors per flat index in `exact_search`.
+    """
+
+    index: str = "auto"
+    flat_max: int = 200_000
+    nlist: int = 0
+    nprobe: int = 32
+    pq_m: int = 32
+    rerank: int = 256
+    threads: int = 2
+    seed: int = 0
+    query_block: int = 4096
+    base_block: int = 1 << 18
+
+    def __post_init__(self) -> None:
+        if self.index not in KINDS:
+            raise ValueError(f"knn index must be one of {list(KINDS)}, got {self.index!r}")
+        if min(self.nprobe, self.pq_m, self.threads, self.query_block, self.base_block) < 1 or self.nlist < 0:
+            raise ValueError("knn nprobe, pq_m, threads, query_block and base_block must be >= 1, nlist >= 0")
+
+
+def knn_params(section: Any, **overrides: Any) -> KnnParams:
+    """KnnParams from any config-like object (e.g. `cfg.copy_dedup`): attributes with matching names are used."""
+    values = {f.name: getattr(section, f.name) for f in fields(KnnParams) if hasattr(section, f.name)}
+    values.update(overrides)
+    return KnnParams(**values)
+
+
+def _as_params(params: Any) -> KnnParams:
+    return params if isinstance(params, KnnParams) else knn_params(params)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def resolve_kind(n: int, params: KnnParams) -> str:
+    """The index kind used for a base of `n` vectors."""
+    if params.index != "auto":
+        return params.index
+    return "flat" if n <= params.flat_max else "ivf"
+
+
+def auto_nlist(n: int) -> int:
+    """IVF list count for `n` vectors: ~4 sqrt(n), with >= 39 training points per list (Faiss' minimum)."""
+    return int(max(1, min(65536, int(4 * math.sqrt(n)), n // 39)))
+
+
+def exact_scores(base: np.ndarray, queries: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Exact inner products of each query with its candidates.
+
+    Args:
+        base: float16/float32 [n, d] (a memmap is fine: only the candidate rows are read, in sorted order).
+        queries: float32 [m, d].
+        cand: int64 [m, r] base indices, -1 = no candidate.
+
+    Returns:
+        float32 [m, r]; -inf where cand is -1.
+    """
+    m, r = cand.shape
+    out = np.full((m, r), -np.inf, dtype=np.float32)
+    if m == 0 or r == 0:
+        return out
+    step = max(1, RERANK_BYTES // (r * base.shape[1] * 4))
+    for s in range(0, m, step):
+        c = cand[s : s + step]
+        valid = c >= 0
+        uniq, inv = np.unique(np.where(valid, c, 0), return_inverse=True)
+        rows = _f32(base[uniq])[inv.reshape(c.shape)]  # [b, r, d]
+        # einsum without optimize runs a fixed C loop: the same pair gives the same bits from either endpoint.
+        scores = np.einsum("brd,bd->br", rows, _f32(queries[s : s + step]))
+        out[s : s + step] = np.where(valid, scores, -np.inf)
+    return out
+
+
+def top_k(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best (similarity desc, index asc); missing entries (-1 / -inf) go last.
+
+    Args:
+        sims: float32 [m, r]; idx: int64 [m, r].
+
+    Returns:
+        (float32 [m, k], int64 [m, k]), padded with -inf / -1 when r < k.
+    """
+    if sims.shape[1] < k:
+        pad = k - sims.shape[1]
+        sims = np.hstack([sims, np.full((sims.shape[0], pad), -np.inf, np.float32)])
+        idx = np.hstack([idx, np.full((idx.shape[0], pad), -1, np.int64)])
+    sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+    order = np.lexsort((idx, -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _rerank(base: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return top_k(exact_scores(base, queries, cand), cand.astype(np.int64), k)
+
+
+def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by brute force, one `IndexFlatIP` per block of `base_block` base vectors (bounded memory).
+
+    Args:
+        base: float16/float32 [n, d]; queries: [m, d]; k: neighbours per query.
+
+    Returns:
+        (sims float32 [m, k], idx int64 [m, k]) as in `knn_search`.
+    """
+    p = _as_params(params if params is not None else KnnParams())
+    faiss.omp_set_num_threads(p.threads)
+    n, m = base.shape[0], queries.shape[0]
+    best_s = np.full((m, k), -np.inf, np.float32)
+    best_i = np.full((m, k), -1, np.int64)
+    for bs in range(0, n, p.base_block):
+        block = _f32(base[bs : bs + p.base_block])
+        index = faiss.IndexFlatIP(base.shape[1])
+        index.add(block)
+        kk = min(k, block.shape[0])
+        for qs in range(0, m, p.query_block):
+            d, i = index.search(_f32(queries[qs : qs + p.query_block]), kk)
+            i = np.where(i >= 0, i + bs, -1)
+            best_s[qs : qs + len(d)], best_i[qs : qs + len(d)] = top_k(
+                np.hstack([best_s[qs : qs + len(d)], d]), np.hstack([best_i[qs : qs + len(d)], i]), k
+            )
+    out_s, out_i = np.empty_like(best_s), np.empty_like(best_i)
+    for qs in range(0, m, p.query_block):
+        q = _f32(queries[qs : qs + p.query_block])
+        out_s[qs : qs + len(q)], out_i[qs : qs + len(q)] = _rerank(base, q, best_i[qs : qs + len(q)], k)
+    return out_s, out_i
+
+
+class Searcher:
+    """A built index over `base` that answers exact-scored kNN queries.
+
+    Attributes:
+        kind: flat, ivf or ivfpq.
+        nlist: IVF lists (0 for flat).
+        index: the Faiss index.
+    """
+
+    def __init__(self, base: np.ndarray, params: Any, index: faiss.Index | None = None) -> None:
+        """Build the index (train on a seeded sample for IVF kinds, add in blocks), or wrap a loaded `index`."""
+        self.base = base
+        self.params = _as_params(params)
+        n, d = base.shape
+        self.kind = resolve_kind(n, self.params)
+        faiss.omp_set_num_threads(self.params.threads)
+        if index is not None:
+            self.index = index
+            self.nlist = int(getattr(faiss.try_extract_index_ivf(index), "nlist", 0)) if self.kind != "flat" else 0
+            self._set_nprobe()
+            return
+        self.nlist = 0
+        if self.kind == "flat":
+            self.index = faiss.IndexFlatIP(d)
+        else:
+            self.index = self._train_ivf(base)
+        for s in range(0, n, self.params.base_block):
+            self.index.add(_f32(base[s : s + self.params.base_block]))
+
+    def _set_nprobe(self) -> None:
+        if self.kind != "flat":
+            self.index.nprobe = min(self.params.nprobe, self.nlist)
+
+    def _train_ivf(self, base: np.ndarray) -> faiss.Index:
+        n, d = base.shape
+        p = self.params
+        self.nlist = p.nlist if p.nlist > 0 else auto_nlist(n)
+        if self.nlist > n:
+            raise ValueError(f"IVF nlist={self.nlist} exceeds the {n} base vectors; lower copy_dedup.nlist")
+        n_train = min(n, max(64 * self.nlist, 16384))
+        rng = np.random.default_rng(p.seed)
+        sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
+        train = _f32(base[sample])
+        quantizer = faiss.IndexFlatIP(d)
+        if self.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            if d % p.pq_m:
+                raise ValueError(f"copy_dedup.pq_m={p.pq_m} must divide the embedding dimension {d}")
+            # Faiss wants >= 39 training points per PQ centroid; small pools get smaller codebooks (the exact
+            # re-rank makes up for coarser codes).
+            nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_train // 39))))))
+            index = faiss.IndexIVFPQ(quantizer, d, self.nlist, p.pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.seed = p.seed
+        index.cp.seed = p.seed
+        index.train(train)
+        self._quantizer = quantizer  # keep the Python object alive as long as the index
+        self.index = index
+        self._set_nprobe()
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k base vectors per query by cosine, exactly scored.
+
+        Args:
+            queries: float16/float32 [m, d], L2-normalised.
+            k: neighbours per query.
+
+        Returns:
+            (sims float32 [m, k], idx int64 [m, k]); rows sorted by (sim desc, idx asc), padded with -inf / -1.
+        """
+        faiss.omp_set_num_threads(self.params.threads)
+        m, n = queries.shape[0], self.base.shape[0]
+        fetch = k if self.kind == "flat" else max(k, self.params.rerank)
+        fetch = max(1, min(fetch, n))
+        sims = np.empty((m, k), np.float32)
+        idx = np.empty((m, k), np.int64)
+        for s in range(0, m, self.params.query_block):
+            q = _f32(queries[s : s + self.params.query_block])
+            _, cand = self.index.search(q, fetch)
+            sims[s : s + len(q)], idx[s : s + len(q)] = _rerank(self.base, q, cand, k)
+        return sims, idx
+
+    def search_self(self, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """kNN of base rows [start, stop) among the other base rows (self matches dropped).
+
+        Returns:
+            (sims float32 [stop - start, k], idx int64 [stop - start, k]).
+        """
+        sims, idx = self.search(self.base[start:stop], k + 1)
+        return drop_self(sims, idx, np.arange(start, stop, dtype=np.int64), k)
+
+
+def drop_self(sims: np.ndarray, idx: np.ndarray, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own index from its k+1 results (or the last result if self was not returned).
+
+    Args:
+        sims, idx: [m, k + 1] results; query_ids: int64 [m] base index of each query.
+
+    Returns:
+        (float32 [m, k], int64 [m, k]).
+    """
+    is_self = idx == query_ids[:, None]
+    # A stable sort on the flag moves the self column to the end and keeps the others in order.
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def knn_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine kNN of `queries` in `base`.
+
+    Args:
+        base: float16/float32 [n, d], L2-normalised rows.
+        queries: float16/float32 [m, d], L2-normalised rows.
+        k: neighbours per query.
+        params: KnnParams or a config-like object with the same attribute names (e.g. `cfg.copy_dedup`).
+
+    Returns:
+        (sims float32 [m, k], idx int64 [m, k]); exact cosines, rows sorted by (sim desc, idx asc), padded with
+        -inf / -1 when fewer than k neighbours exist.
+    """
+    return Searcher(base, params if params is not None else KnnParams()).search(queries, k)
+
+
+def knn_self(base: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """kNN of every base row among the other base rows (self matches dropped); shapes as in `knn_search`."""
+    searcher = Searcher(base, params if params is not None else KnnParams())
+    return searcher.search_self(0, base.shape[0], k)
+
+
+def measure_recall(
+    base: np.ndarray,
+    k: int,
+    params: Any,
+    sample: int,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+    searcher: Searcher | None = None,
+    min_sim: float | None = None,
+) -> float:
+    """recall@k of the configured search against exact search, on a seeded sample of queries.
+
+    Args:
+        base: float16/float32 [n, d].
+        k: neighbours compared.
+        params: KnnParams or config-like.
+        sample: queries drawn (without replacement, sorted) from `queries`, or from `base` when None (then each
+            query's own row is left out of both result lists, as in a self-search).
+        searcher: a Searcher already built on `base` (saves rebuilding the index).
+        min_sim: count only exact neighbours with similarity > min_sim (e.g. the dedup edge threshold: most of a
+            k = 64 list is unrelated images whose order matters to no one).
+
+    Returns:
+        |approx top-k ∩ exact top-k| / |exact top-k| summed over the sampled queries; 1.0 when nothing to count.
+    """
+    p = _as_params(params)
+    src = base if queries is None else queries
+    m = min(sample, src.shape[0])
+    if m == 0 or base.shape[0] == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(src.shape[0], m, replace=False))
+    q = _f32(src[pick])
+    searcher = searcher if searcher is not None else Searcher(base, p)
+    exact_p = replace(p, index="flat")
+    if queries is None:  # self-search: compare the neighbours other than the query itself
+        approx = drop_self(*searcher.search(q, k + 1), pick, k)[1]
+        exact_s, exact = drop_self(*exact_search(base, q, k + 1, exact_p), pick, k)
+    else:
+        approx = searcher.search(q, k)[1]
+        exact_s, exact = exact_search(base, q, k, exact_p)
+    counted = (exact >= 0) if min_sim is None else (exact >= 0) & (exact_s > min_sim)
+    hits = total = 0
+    for a, e, c in zip(approx, exact, counted):
+        e = e[c]
+        hits += int(np.isin(e, a[a >= 0]).sum())
+        total += e.size
+    return float(hits / total) if total else 1.0
+
+
+def index_to_bytes(searcher: Searcher) -> bytes:
+    """Serialised Faiss index (to checkpoint an expensive IVF build)."""
+    return faiss.serialize_index(searcher.index).tobytes()
+
+
+def searcher_from_bytes(base: np.ndarray, params: Any, data: bytes) -> Searcher:
+    """Searcher over `base` around an index serialised by `index_to_bytes`."""
+    return Searcher(base, params, index=faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))

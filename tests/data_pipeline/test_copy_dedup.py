@@ -1,0 +1,400 @@
+"""kNN search (flat / IVF / IVF-PQ + exact re-rank), copy-detection dedup and eval-set decontamination.
+
+Upstream artifacts are synthetic: a near_dedup manifest and embed_copy vectors with planted structure, committed with
+`artifacts.commit_stage` so the stages' `ctx.require` passes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_pipeline import artifacts
+from data_pipeline.config import load_config
+from data_pipeline.copy_dedup import STAGE as COPY_STAGE
+from data_pipeline.copy_dedup import self_pairs
+from data_pipeline.decontaminate import STAGE as DECON_STAGE
+from data_pipeline.decontaminate import eval_set_name
+from data_pipeline.knn import KnnParams, Searcher, exact_search, knn_search, knn_self, measure_recall
+from data_pipeline.stage import StageContext, run_stage
+
+D = 128  # random unit vectors in 128-d have |cos| < ~0.4, so only planted pairs cross 0.45
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _pair_at(rng: np.random.Generator, cos: float, n: int = 2) -> np.ndarray:
+    """n unit vectors in a random plane, consecutive ones at cosine `cos` (a chain for n > 2)."""
+    basis = np.linalg.qr(rng.standard_normal((D, 2)))[0].T  # [2, D] orthonormal
+    theta = np.arccos(cos)
+    return np.stack([np.cos(t * theta) * basis[0] + np.sin(t * theta) * basis[1] for t in range(n)])
+
+
+def _clustered(n_clusters: int, per: int, seed: int) -> np.ndarray:
+    """float16 [n_clusters * per, D]: tight clusters (member-member cos ~0.8) in random order."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((n_clusters, D)))
+    x = np.repeat(centres, per, axis=0) + 0.043 * rng.standard_normal((n_clusters * per, D))
+    return _unit(x[rng.permutation(len(x))]).astype(np.float16)
+
+
+def _brute(base: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = q.astype(np.float64) @ base.astype(np.float64).T
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+# --------------------------------------------------------------------------------------------------- kNN
+
+
+def test_flat_search_is_exact_and_sorted():
+    base = _clustered(40, 5, seed=1)
+    q = base[:30]
+    sims, idx = knn_search(base, q, 10, KnnParams(index="flat", threads=1))
+    ref_s, ref_i = _brute(base, q, 10)
+    assert sims.dtype == np.float32 and idx.dtype == np.int64 and sims.shape == (30, 10)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert (np.sort(idx, 1) == np.sort(ref_i, 1)).all()
+    assert (np.diff(sims, axis=1) <= 0).all()
+    # k beyond the base size pads with -1 / -inf.
+    s, i = knn_search(base[:3], q[:2], 5, KnnParams(index="flat", threads=1))
+    assert (i[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all() and (i[:, :3] >= 0).all()
+
+
+def test_self_search_drops_self_even_with_exact_duplicates():
+    base = _clustered(20, 4, seed=2)
+    base[7] = base[3]  # an exact duplicate ties with self at cos 1
+    sims, idx = knn_self(base, 5, KnnParams(index="flat", threads=1))
+    assert (idx != np.arange(len(base))[:, None]).all()
+    assert idx[3, 0] == 7 and idx[7, 0] == 3
+    assert sims.shape == (len(base), 5)
+
+
+@pytest.mark.parametrize("kind,n_clusters", [("ivf", 300), ("ivfpq", 150)])  # PQ training dominates: smaller set
+def test_approximate_index_reranked_matches_flat_graph(kind, n_clusters):
+    base = _clustered(n_clusters, 5, seed=3)
+    params = KnnParams(index=kind, threads=2, nprobe=16, pq_m=8)
+    searcher = Searcher(base, params)
+    assert searcher.kind == kind and searcher.nlist > 1
+    # Clusters of 5: the 4 mates are the neighbours that matter; the rest of a top-16 list is far noise.
+    recall = measure_recall(base, 4, params, sample=300, seed=0, searcher=searcher)
+    edge_recall = measure_recall(base, 16, params, sample=300, seed=0, searcher=searcher, min_sim=0.6)
+    print(f"{kind}: nlist={searcher.nlist} nprobe=16 recall@4={recall:.4f} edge recall@16={edge_recall:.4f}")
+    assert recall >= 0.95 and edge_recall >= 0.95
+    sims, idx = searcher.search(base[:50], 8)
+    # Re-ranked similarities are the exact float32 dot products of the stored vectors.
+    exact = np.einsum("bkd,bd->bk", base[idx].astype(np.float32), base[:50].astype(np.float32))
+    np.testing.assert_allclose(sims, exact, atol=1e-6)
+    flat = Searcher(base, KnnParams(index="flat", threads=2))
+    edges = {}
+    for name, s in (("approx", searcher), ("flat", flat)):
+        si, ii = s.search_self(0, len(base), 8)
+        q = np.repeat(np.arange(len(base)), 8)
+        keep = si.ravel() > 0.6
+        edges[name] = set(zip(np.minimum(q, ii.ravel())[keep].tolist(), np.maximum(q, ii.ravel())[keep].tolist()))
+    assert edges["approx"] == edges["flat"] and len(edges["flat"]) > 100 * n_clusters // 30
+
+
+def test_exact_search_blocks_agree_with_single_index():
+    base = _clustered(50, 4, seed=4)
+    a = exact_search(base, base[:20], 7, KnnParams(base_block=37, query_block=6, threads=1))
+    b = exact_search(base, base[:20], 7, KnnParams(threads=1))
+    assert (a[1] == b[1]).all() and (a[0] == b[0]).all()
+
+
+def test_pq_m_must_divide_dimension():
+    with pytest.raises(ValueError, match="pq_m"):
+        Searcher(_clustered(100, 5, seed=5), KnnParams(index="ivfpq", pq_m=7))
+
+
+def test_self_pairs_resume_reuses_work_files(tmp_path):
+    base = _clustered(200, 4, seed=6)
+    params = KnnParams(index="ivf", threads=2)
+    a, b, s, searcher = self_pairs(base, 16, 0.5, params, tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files][0] == "index.faiss" and len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    a2, b2, s2, _ = self_pairs(base, 16, 0.5, params, tmp_path)  # a resumed run reads the checkpoints
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert (a == a2).all() and (b == b2).all() and (s == s2).all() and (a < b).all() and len(a) > 400
+
+
+# ------------------------------------------------------------------------------------------ the stages
+
+
+def _scenario(seed: int = 0) -> dict:
+    """Rows (manifest order) with planted structure; vec None = not in the embedded pool.
+
+    Groups: A (4 copies; two tie on the largest pixels, the smaller id must win), B (3 copies), a chain
+    a~b~c with cos(a, c) ~ 0, an audit pair at 0.57 (no edge) and one at 0.63 (edge), 40 distinct images,
+    a rejected row and an exact duplicate of an A member (both outside the pool).
+    """
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+
+    def add(name: str, vec, w=100, h=100, **kw):
+        rows.append({"name": name, "vec": vec, "w": w, "h": h, **kw})
+        return len(rows) - 1
+
+    base_a = _unit(rng.standard_normal(D))
+    for k, (w, h, rid) in enumerate([(100, 100, "a0"), (200, 100, "zz"), (200, 100, "aa"), (50, 50, "00")]):
+        add(f"A{k}", _unit(base_a + 0.043 * rng.standard_normal(D)), w, h, id=f"idA-{rid}")
+    base_b = _unit(rng.standard_normal(D))
+    for k in range(3):
+        add(f"B{k}", _unit(base_b + 0.043 * rng.standard_normal(D)), 64 + k, 64, id=f"idB-{k}")
+    for k, v in enumerate(_pair_at(rng, 0.7, 3)):
+        add(f"C{k}", v, id=f"idC-{k}")
+    for k, v in enumerate(_pair_at(rng, 0.57)):
+        add(f"L{k}", v, id=f"idL-{k}")
+    for k, v in enumerate(_pair_at(rng, 0.63)):
+        add(f"H{k}", v, id=f"idH-{k}")
+    for k in range(40):
+        add(f"R{k}", _unit(rng.standard_normal(D)), id=f"idR-{k:02d}")
+    add("rejected", None, status="rejected", reason="too_small", id="idX-rej")
+    add("dupA1", None, dup_of="A1", id="idX-dup")
+    order = rng.permutation(len(rows))  # manifest order unrelated to construction order
+    rows = [rows[i] for i in order]
+    pos = {r["name"]: i for i, r in enumerate(rows)}
+    vecs = np.stack([r["vec"] for r in rows if r["vec"] is not None])
+    sims = vecs @ vecs.T
+    names = [r["name"] for r in rows if r["vec"] is not None]
+    planted = {frozenset(p) for p in [("C0", "C1"), ("C1", "C2"), ("L0", "L1"), ("H0", "H1")]}
+    for i in range(len(vecs)):
+        for j in range(i + 1, len(vecs)):
+            same = names[i][0] == names[j][0] and names[i][0] in "AB"
+            if not same and frozenset((names[i], names[j])) not in planted:
+                assert sims[i, j] < 0.45, (names[i], names[j])  # the fixture itself has no accidental matches
+    return {"rows": rows, "pos": pos, "rng": rng}
+
+
+def _write_upstream(out: Path, sc: dict, evals: dict[str, np.ndarray] | None = None) -> None:
+    rows, pos = sc["rows"], sc["pos"]
+    n = len(rows)
+    group = [pos[r["dup_of"]] if r.get("dup_of") else i for i, r in enumerate(rows)]
+    manifest = pa.table({
+        "id": [r["id"] for r in rows],
+        "source": ["src"] * n,
+        "path": [f"/data/{r['name']}.jpg" for r in rows],
+        "member": [None] * n,
+        "nbytes": pa.array([1000] * n, pa.int64()),
+        "sha256": [f"{i:064x}" for i in range(n)],
+        "status": [r.get("status", "ok") for r in rows],
+        "reject_reason": [r.get("reason", "") for r in rows],
+        "width": pa.array([r["w"] for r in rows], pa.int64()),
+        "height": pa.array([r["h"] for r in rows], pa.int64()),
+        "dup_group": pa.array(group, pa.int64()),
+        "dup_of": [rows[g]["id"] if g != i else "" for i, g in enumerate(group)],
+        "dup_kind": ["exact_bytes" if r.get("dup_of") else "" for r in rows],
+        "keep": [r["vec"] is not None for r in rows],
+    })
+    nd = out / "near_dedup"
+    artifacts.write_parquet_atomic(nd / "manifest.parquet", manifest)
+    artifacts.commit_stage(nd, "near-fp", ["manifest.parquet"], {})
+    ec = out / "embed_copy"
+    pool_rows = [i for i, r in enumerate(rows) if r["vec"] is not None]
+    artifacts.write_npy_atomic(ec / "pool.npy", np.stack([rows[i]["vec"] for i in pool_rows]).astype(np.float16))
+    artifacts.write_parquet_atomic(ec / "pool_rows.parquet", pa.table({
+        "row_id": pa.array(pool_rows, pa.int64()), "id": [rows[i]["id"] for i in pool_rows]}))
+    outputs = ["pool.npy", "pool_rows.parquet"]
+    for name, vecs in (evals or {}).items():
+        m = len(vecs)
+        artifacts.write_npy_atomic(ec / f"eval-{name}.npy", vecs.astype(np.float16))
+        artifacts.write_parquet_atomic(ec / f"eval-{name}.parquet", pa.table({
+            "id": [f"{name}-{k}" for k in range(m)], "source": [name] * m, "path": [f"/eval/{k}.jpg" for k in range(m)],
+            "member": pa.array([None] * m, pa.string()), "width": pa.array([64] * m, pa.int64()),
+            "height": pa.array([64] * m, pa.int64())}))
+        outputs += [f"eval-{name}.npy", f"eval-{name}.parquet"]
+    artifacts.commit_stage(ec, "embed-fp-" + "-".join(sorted(evals or {})), outputs, {})
+
+
+def _run(out: Path, *stages, overrides=()):
+    cfg = load_config(None, ["copy_dedup.threads=2", *overrides])
+    ctx = StageContext(cfg, out)
+    return [run_stage(s, ctx) for s in stages]
+
+
+def _by_name(sc: dict, table: pa.Table) -> dict[str, dict]:
+    recs = table.to_pylist()
+    return {r["name"]: recs[i] for i, r in enumerate(sc["rows"])}
+
+
+def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
+    sc = _scenario()
+    _write_upstream(tmp_path, sc)
+    (res,) = _run(tmp_path, COPY_STAGE)
+    assert "recall@" in capsys.readouterr().out
+    d = tmp_path / "copy_dedup"
+    m = _by_name(sc, artifacts.read_table(d / "manifest.parquet"))
+    pos = sc["pos"]
+    # A: largest pixels tie between "zz" and "aa" -> smaller id "idA-aa" (A2) wins. B: widest (B2).
+    expected_rep = {**{f"A{k}": "A2" for k in range(4)}, **{f"B{k}": "B2" for k in range(3)},
+                    **{f"C{k}": "C0" for k in range(3)}, "H0": "H0", "H1": "H0"}
+    for name, rec in m.items():
+        if name in ("rejected", "dupA1"):
+            assert rec["copy_component"] == -1 and not rec["keep"]
+            continue
+        rep = expected_rep.get(name, name)
+        assert rec["copy_component"] == pos[rep], name
+        assert rec["keep"] == (rep == name), name
+        if rep != name:
+            assert rec["dup_kind"] == "copy" and rec["dup_group"] == pos[rep] and rec["dup_of"] == m[rep]["id"]
+        else:
+            assert rec["dup_kind"] == "" and rec["dup_group"] == pos[name]
+    # The exact duplicate of A1 follows A1 to the component's kept member; it keeps its own dup_kind.
+    assert m["dupA1"]["dup_group"] == pos["A2"] and m["dupA1"]["dup_of"] == "idA-aa"
+    assert m["dupA1"]["dup_kind"] == "exact_bytes"
+    assert m["L0"]["keep"] and m["L1"]["keep"]  # 0.57 is below the edge threshold
+    # The chain: C0~C1, C1~C2 are edges, C0~C2 is not, yet all three are one component.
+    edges = artifacts.read_table(d / "edges.parquet")
+    pairs = {(i, j) for i, j in zip(edges.column("i").to_pylist(), edges.column("j").to_pylist())}
+    c = sorted([pos["C0"], pos["C2"]])
+    assert tuple(c) not in pairs and len(pairs) == 6 + 3 + 2 + 1
+    assert (edges.column("sim").to_numpy() > 0.6).all()
+    assert all(i < j for i, j in pairs)
+    audit = artifacts.read_table(d / "audit.parquet")
+    sims = audit.column("sim").to_numpy()
+    assert audit.num_rows >= 2 and ((sims > 0.55) & (sims <= 0.65)).all()
+    got = set(zip(audit.column("id_i").to_pylist(), audit.column("id_j").to_pylist()))
+    assert {tuple(sorted(["idL-0", "idL-1"])), tuple(sorted(["idH-0", "idH-1"]))} <= {tuple(sorted(p)) for p in got}
+    assert set(audit.column("path_i").to_pylist()) <= {f"/data/{r['name']}.jpg" for r in sc["rows"]}
+    comps = json.loads((d / "components.json").read_text())
+    assert comps["histogram"] == {"1": 42, "2": 1, "3": 2, "4": 1} and comps["largest"][:3] == [4, 3, 3]
+    counts = res.counts
+    assert counts["removed"] == {"copy": 3 + 2 + 2 + 1} and counts["recall"] == 1.0 and counts["index"] == "flat"
+    assert counts["inputs"] == 54 and counts["outputs"] == 54 - 8 and counts["edges"] == 12
+
+
+def test_copy_dedup_ivf_path_same_manifest(tmp_path, capsys):
+    sc = _scenario()
+    for sub, overrides in (("flat", ["copy_dedup.index=flat"]),
+                           ("ivf", ["copy_dedup.index=ivf", "copy_dedup.nlist=6", "copy_dedup.nprobe=3",
+                                    "copy_dedup.recall_sample=54"])):
+        _write_upstream(tmp_path / sub, sc)
+        (res,) = _run(tmp_path / sub, COPY_STAGE, overrides=overrides)
+    assert res.counts["index"] == "ivf" and res.counts["recall"] >= 0.95
+    assert res.counts["recall_method"] == "sampled:54" and res.counts["nlist"] == 6
+    print(capsys.readouterr().out)
+    for name in ("manifest.parquet", "edges.parquet"):
+        assert (tmp_path / "flat/copy_dedup" / name).read_bytes() == (tmp_path / "ivf/copy_dedup" / name).read_bytes()
+
+
+def _eval_near(vec: np.ndarray, cos: float, rng: np.random.Generator) -> np.ndarray:
+    other = rng.standard_normal(D)
+    other = _unit(other - (other @ vec) * vec)
+    return np.cos(np.arccos(cos)) * vec + np.sin(np.arccos(cos)) * other
+
+
+def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
+    sc = _scenario()
+    rows, pos, rng = sc["rows"], sc["pos"], sc["rng"]
+    vec = {r["name"]: r["vec"] for r in rows}
+    # evalA touches A3 (a member copy_dedup already removed) at cos 0.55; evalR touches R5 and nothing near A;
+    # evalN matches nothing.
+    evals = {
+        "evalA": np.stack([_eval_near(vec["A3"], 0.55, rng), _unit(rng.standard_normal(D))]),
+        "evalR": _eval_near(vec["R5"], 0.5, rng)[None],
+        "evalN": _unit(rng.standard_normal((2, D))),
+    }
+    _write_upstream(tmp_path, sc, evals)
+    overrides = ["decontaminate.eval_sets=[evalA, /some/where/evalR, evalN=/x/y]"]
+    res_copy, res = _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=overrides)
+    before = _by_name(sc, artifacts.read_table(tmp_path / "copy_dedup/manifest.parquet"))
+    after = _by_name(sc, artifacts.read_table(tmp_path / "decontaminate/manifest.parquet"))
+    hit = {"A0", "A1", "A2", "A3", "dupA1", "R5"}
+    for name in after:
+        b, a = before[name], after[name]
+        if name in hit:
+            assert not a["keep"] and a["contaminated_by"] == ("evalR" if name == "R5" else "evalA"), name
+            assert a["dup_kind"] == (b["dup_kind"] if not b["keep"] else "contaminated"), name
+        else:
+            assert a == {**b, "contaminated_by": None}, name
+    assert after["A2"]["dup_kind"] == "contaminated" and after["A1"]["dup_kind"] == "copy"
+    matches = artifacts.read_table(tmp_path / "decontaminate/matches.parquet")
+    assert set(matches.column("eval_set").to_pylist()) == {"evalA", "evalR"}
+    assert (matches.column("sim").to_numpy() > 0.45).all()
+    assert pos["A3"] in matches.column("row_id").to_pylist()
+    sets = res.counts["sets"]
+    assert sets["evalA"] == {"eval_images": 2, "matches": sets["evalA"]["matches"], "matched_components": 1,
+                             "removed_rows": 1}
+    assert sets["evalR"]["removed_rows"] == 1 and sets["evalN"]["matched_components"] == 0
+    assert res.counts["removed"] == {"contaminated": 2}
+    assert res.counts["outputs"] == res_copy.counts["outputs"] - 2
+
+
+def test_decontaminate_without_eval_sets_is_a_noop(tmp_path):
+    sc = _scenario()
+    _write_upstream(tmp_path, sc)
+    _, res = _run(tmp_path, COPY_STAGE, DECON_STAGE)
+    before = artifacts.read_table(tmp_path / "copy_dedup/manifest.parquet")
+    after = artifacts.read_table(tmp_path / "decontaminate/manifest.parquet")
+    assert after.drop_columns(["contaminated_by"]).equals(before)
+    assert after.column("contaminated_by").null_count == after.num_rows
+    assert artifacts.read_table(tmp_path / "decontaminate/matches.parquet").num_rows == 0
+    assert res.counts["removed"] == {"contaminated": 0} and res.counts["sets"] == {}
+
+
+def test_missing_eval_embeddings_is_a_clear_error(tmp_path):
+    sc = _scenario()
+    _write_upstream(tmp_path, sc)
+    with pytest.raises(ValueError, match="eval-imagenet.npy"):
+        _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=["decontaminate.eval_sets=[imagenet=/x]"])
+
+
+def test_eval_set_names_follow_embed():
+    from data_pipeline.embed import parse_eval_set
+
+    for entry in ("in1k=/data/imagenet/val", "/data/imagenet/val/", "flowers.txt", "a.b=/x/y.tar"):
+        assert eval_set_name(entry) == parse_eval_set(entry)[0]
+
+
+def test_rerun_is_a_noop_and_outputs_are_deterministic(tmp_path):
+    sc = _scenario()
+    evals = {"evalA": _eval_near(sc["rows"][sc["pos"]["B1"]]["vec"], 0.6, sc["rng"])[None]}
+    ov = ["decontaminate.eval_sets=[evalA]", "copy_dedup.index=ivf", "copy_dedup.recall_sample=20"]
+    for sub in ("one", "two"):
+        _write_upstream(tmp_path / sub, sc, evals)
+        first = _run(tmp_path / sub, COPY_STAGE, DECON_STAGE, overrides=ov)
+        assert not any(r.skipped for r in first)
+    markers = {s: (tmp_path / "one" / s / "_SUCCESS.json").read_bytes() for s in ("copy_dedup", "decontaminate")}
+    again = _run(tmp_path / "one", COPY_STAGE, DECON_STAGE, overrides=ov)
+    assert all(r.skipped for r in again)
+    for s, marker in markers.items():
+        assert (tmp_path / "one" / s / "_SUCCESS.json").read_bytes() == marker
+        assert (tmp_path / "two" / s / "_SUCCESS.json").read_bytes() == marker  # byte-identical second run
+        assert not (tmp_path / "one" / s / "_work").exists()
+    # New embeddings with an unchanged manifest must re-run the stage (upstream commit is in the fingerprint).
+    _write_upstream(tmp_path / "one", sc, {"evalA": _unit(sc["rng"].standard_normal((1, D)))})
+    third = _run(tmp_path / "one", COPY_STAGE, DECON_STAGE, overrides=ov)
+    assert not third[0].skipped and third[1].counts["removed"] == {"contaminated": 0}
+
+
+def test_pool_not_matching_manifest_is_rejected(tmp_path):
+    sc = _scenario()
+    _write_upstream(tmp_path, sc)
+    ec = tmp_path / "embed_copy"
+    rows = artifacts.read_table(ec / "pool_rows.parquet")
+    ids = rows.column("id").to_pylist()
+    ids[0], ids[1] = ids[1], ids[0]
+    artifacts.write_parquet_atomic(ec / "pool_rows.parquet", rows.set_column(1, "id", pa.array(ids)))
+    artifacts.commit_stage(ec, "embed-fp-bad", ["pool.npy", "pool_rows.parquet"], {})
+    with pytest.raises(ValueError, match="does not match"):
+        _run(tmp_path, COPY_STAGE)
+
+
+def test_single_image_pool(tmp_path):
+    rng = np.random.default_rng(9)
+    rows = [{"name": "only", "vec": _unit(rng.standard_normal(D)), "w": 64, "h": 64, "id": "id-only"},
+            {"name": "rej", "vec": None, "w": 0, "h": 0, "id": "id-rej", "status": "rejected", "reason": "too_small"}]
+    sc = {"rows": rows, "pos": {"only": 0, "rej": 1}}
+    _write_upstream(tmp_path, sc, {"ev": rows[0]["vec"][None]})
+    res_copy, res = _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=["decontaminate.eval_sets=[ev]"])
+    assert res_copy.counts["removed"] == {"copy": 0} and res_copy.counts["edges"] == 0
+    m = artifacts.read_table(tmp_path / "decontaminate/manifest.parquet").to_pylist()
+    assert m[0]["copy_component"] == 0 and not m[0]["keep"] and m[0]["contaminated_by"] == "ev"
+    assert m[1]["contaminated_by"] is None and res.counts["removed"] == {"contaminated": 1}
