@@ -175,6 +175,7 @@ class ClusterConfig:
     resample_steps: int = 10
     resample_size: int = 0
     balanced_size: int = 0
+    max_points_per_centroid: int = 256
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -184,6 +185,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.init must be one of {list(CLUSTER_INITS)}, got {self.init!r}")
         if self.n_clusters < 1 or self.iterations < 1 or any(k < 1 for k in self.levels):
             raise ValueError("cluster.n_clusters, cluster.iterations and cluster.levels must be >= 1")
+        if min(self.resample_steps, self.resample_size, self.balanced_size, self.max_points_per_centroid) < 0:
+            raise ValueError("cluster.resample_*, balanced_size and max_points_per_centroid must be >= 0")
 
 
 @dataclass
@@ -299,7 +302,8 @@ def config_to_yaml(cfg: CurateConfig) -> str:
 
 def section_dict(cfg: CurateConfig, *names: str) -> dict:
     """Plain-dict view of the named config sections, for fingerprints and worker payloads."""
-    return {n: dataclasses.asdict(getattr(cfg, n)) for n in names}
+    # Top-level scalars such as `seed` are sections too: they change results just the same.
+    return {n: dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(cfg, n)) else v for n in names}
 
 
 def describe_keys() -> list[str]:

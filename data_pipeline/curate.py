@@ -6,12 +6,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline import artifacts, decode, dedup, exact, phash, sources
+from data_pipeline import (
+    artifacts,
+    cluster,
+    copy_dedup,
+    decode,
+    decontaminate,
+    dedup,
+    embed,
+    exact,
+    phash,
+    report,
+    retrieve,
+    shards,
+    sources,
+)
 from data_pipeline.config import CurateConfig, config_to_yaml, describe_keys, load_config
 from data_pipeline.stage import Stage, StageContext, StageResult, run_stage
 
-# The pipeline is this list; later stages (embed, copy dedup, k-means, shards, ...) append here.
-STAGES: list[Stage] = [sources.STAGE, decode.STAGE, exact.STAGE, phash.STAGE, dedup.STAGE]
+# The pipeline is this list, in data-flow order: each stage reads the artifacts of stages to its left.
+STAGES: list[Stage] = [
+    sources.STAGE, decode.STAGE, exact.STAGE, phash.STAGE, dedup.STAGE,  # hash-level dedup (no models)
+    embed.COPY_STAGE, copy_dedup.STAGE, decontaminate.STAGE,  # copy-detection dedup, evaluation decontamination
+    embed.SSL_STAGE, cluster.STAGE, retrieve.STAGE,  # self-supervised retrieval
+    shards.STAGE, report.STAGE,  # outputs
+]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -25,12 +44,12 @@ def select_stages(names: list[str]) -> list[Stage]:
 
 def format_summary(results: list[StageResult]) -> str:
     """Fixed-width table: stage, status, inputs, outputs, rejects, seconds."""
-    lines = [f"{'stage':<12} {'status':<8} {'inputs':>8} {'outputs':>8} {'rejects':>8} {'seconds':>8}"]
+    lines = [f"{'stage':<14} {'status':<8} {'inputs':>8} {'outputs':>8} {'rejects':>8} {'seconds':>8}"]
     for r in results:
         status = "FAILED" if r.failed_shards else ("skipped" if r.skipped else "done")
         rej = sum(r.counts.get("rejects", {}).values())
         lines.append(
-            f"{r.name:<12} {status:<8} {r.counts.get('inputs', 0):>8} {r.counts.get('outputs', 0):>8} "
+            f"{r.name:<14} {status:<8} {r.counts.get('inputs', 0):>8} {r.counts.get('outputs', 0):>8} "
             f"{rej:>8} {r.seconds:>8.2f}"
         )
     return "\n".join(lines)
@@ -64,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     epilog += "\n  ".join(describe_keys())
     p = argparse.ArgumentParser(
         prog="python -m data_pipeline.curate",
-        description="Curate images: ingest, decode+validate, exact dedup, perceptual hash, near-dup dedup.",
+        description="Curate images LVD-style: ingest, safe decode, exact and perceptual-hash dedup, copy-detection "
+        "dedup, evaluation-set decontamination, self-supervised embeddings, k-means, retrieval, WebDataset shards "
+        "and an HTML report.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "curate" / "tiny.yaml"
 # pHash moves a few bits under a 2% crop (up to 8 on these photos); distinct photos here are >= 20 apart.
 PLANTED_THRESHOLD = 8
+# The model-free stages; the embedding stages and later have their own end-to-end test (test_curate_full.py).
+HASH_STAGES = ["ingest", "decode", "exact_dedup", "phash", "near_dedup"]
 OUTPUTS = {"ingest": ["manifest.parquet"], "decode": ["manifest.parquet"], "exact_dedup": ["manifest.parquet"],
            "phash": ["phash.npy", "phash_flags.npy"], "near_dedup": ["manifest.parquet", "edges.parquet"]}
 
@@ -48,13 +50,14 @@ def _output_bytes(out: Path) -> dict[str, bytes]:
 def planted_run(planted_src, tmp_path_factory):
     src, truth = planted_src
     out = tmp_path_factory.mktemp("planted_out")
-    results = curate(_cfg(src), out)
+    results = curate(_cfg(src), out, HASH_STAGES)
     return src, truth, out, results
 
 
 def test_planted_exact_and_near_recall_no_false_merges(planted_run):
     _, truth, out, results = planted_run
-    assert [r.name for r in results] == STAGE_NAMES and not any(r.failed_shards for r in results)
+    assert STAGE_NAMES[:5] == HASH_STAGES
+    assert [r.name for r in results] == HASH_STAGES and not any(r.failed_shards for r in results)
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert set(rows) == set(truth) and all(r["status"] == "ok" for r in rows.values())
     groups = defaultdict(set)
@@ -87,7 +90,7 @@ def test_planted_exact_and_near_recall_no_false_merges(planted_run):
             assert len(g) == len([1 for b, v in truth.values() if b == base and v not in ("orig", "bytes", "pixels")])
     kinds = {v: {rows[n]["dup_kind"] for n, (_, vv) in truth.items() if vv == v} for _, v in truth.values()}
     assert kinds["jpeg50"] == kinds["half"] == kinds["crop"] == kinds["webp"] == {"near"}
-    for stage in STAGE_NAMES:
+    for stage in HASH_STAGES:
         stats = json.loads((out / stage / "stats.json").read_text())
         assert {"inputs", "outputs", "rejects", "seconds"} <= set(stats), stage
         assert json.loads((out / stage / "_SUCCESS.json").read_text())["versions"]["pillow"]
@@ -97,7 +100,7 @@ def test_planted_exact_and_near_recall_no_false_merges(planted_run):
 def test_rerun_writes_nothing(planted_run):
     src, _, out, _ = planted_run
     before = _snapshot(out)
-    results = curate(_cfg(src), out)
+    results = curate(_cfg(src), out, HASH_STAGES)
     assert all(r.skipped for r in results)
     assert _snapshot(out) == before
 
@@ -125,8 +128,8 @@ def test_file_rewritten_in_place_with_same_size_is_reingested(planted_src, tmp_p
 
 def test_config_change_reruns_only_affected_stages(planted_src, tmp_path):
     src, _ = planted_src
-    curate(_cfg(src), tmp_path)
-    results = curate(_cfg(src, "hash.threshold=0"), tmp_path)
+    curate(_cfg(src), tmp_path, HASH_STAGES)
+    results = curate(_cfg(src, "hash.threshold=0"), tmp_path, HASH_STAGES)
     skipped = {r.name for r in results if r.skipped}
     assert skipped == {"ingest", "decode", "exact_dedup"}
     near = sum(r["dup_kind"] == "near" for r in _rows(tmp_path))
@@ -135,7 +138,7 @@ def test_config_change_reruns_only_affected_stages(planted_src, tmp_path):
 
 def test_malformed_corpus_decoded_or_rejected_with_reason(malformed_src, tmp_path):
     src, expected = malformed_src
-    results = curate(_cfg(src), tmp_path)
+    results = curate(_cfg(src), tmp_path, HASH_STAGES)
     assert not any(r.failed_shards for r in results)
     rows = {}
     for r in pq.read_table(tmp_path / "decode" / "manifest.parquet").to_pylist():
@@ -152,6 +155,8 @@ def test_malformed_corpus_decoded_or_rejected_with_reason(malformed_src, tmp_pat
 def _cli(out: Path, src: Path, *extra: str, env: dict | None = None, **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "data_pipeline.curate", "--config", str(TINY), "--output-dir", str(out),
            f"ingest.sources=[{src}]", f"hash.threshold={PLANTED_THRESHOLD}", *extra]
+    if "--stages" not in extra:
+        cmd += ["--stages", ",".join(HASH_STAGES)]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 

@@ -33,7 +33,8 @@ def test_slurm_parameters_from_yaml_then_partition_override(tmp_path):
 def test_slurm_and_local_outputs_byte_identical(slurm_cluster, planted_src, tmp_path):
     src, _ = planted_src
     common = [f"ingest.sources=[{src}]", "hash.threshold=8", "ingest.shard_size=16"]
-    local = curate(load_config(TINY, common), tmp_path / "local")
+    hash_stages = ["ingest", "decode", "exact_dedup", "phash", "near_dedup"]
+    local = curate(load_config(TINY, common), tmp_path / "local", hash_stages)
     slurm_overrides = [
         "executor.kind=slurm",
         "executor.slurm_config=''",
@@ -43,7 +44,7 @@ def test_slurm_and_local_outputs_byte_identical(slurm_cluster, planted_src, tmp_
         "executor.slurm_shards_per_task=2",
         "executor.slurm_timeout_min=10",
     ]
-    slurm = curate(load_config(TINY, common + slurm_overrides), tmp_path / "slurm")
+    slurm = curate(load_config(TINY, common + slurm_overrides), tmp_path / "slurm", hash_stages)
     assert not any(r.failed_shards for r in local + slurm)
     assert not any(r.skipped for r in slurm)
     # The submitit folders hold the per-task logs: proof the shards really ran as SLURM array tasks.
