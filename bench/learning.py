@@ -115,7 +115,10 @@ def training_overrides(data: Path, out: Path, iters: int) -> list[str]:
     return [
         f"train.dataset_path={data}", f"train.output_dir={out}",
         "student.arch=vit_custom", "student.embed_dim=128", "student.depth=6", "student.num_heads=4",
-        "student.patch_size=8", "student.drop_path_rate=0.1", f"crops.global_crops_size={IMAGE_PX}",
+        # LayerScale from 1.0, not 1e-5: with 1e-5 every image's CLS token is identical at init and a short run
+        # never leaves that state (see configs/train/demo_cpu.yaml).
+        "student.patch_size=8", "student.drop_path_rate=0.1", "student.layerscale=1.0",
+        f"crops.global_crops_size={IMAGE_PX}",
         "crops.local_crops_size=32", "crops.local_crops_number=4", "dino.head_n_prototypes=1024",
         "dino.head_hidden_dim=512", "dino.head_bottleneck_dim=128", "ibot.head_n_prototypes=1024",
         "train.batch_size_per_gpu=32", "train.num_workers=2", f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
