@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinov2.checkpoint import (
     COMMIT_MARKER,
@@ -111,19 +110,6 @@ def plain_state(path: Path, data: Path) -> dict[str, torch.Tensor]:
     for index, value in optimizer.state_dict()["state"].items():
         state.update({f"optimizer.{index}.{k}": v for k, v in value.items()})
     return state
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        sub = root / f"part{i % 3}"
-        sub.mkdir(exist_ok=True)
-        base = rng.integers(0, 255, (3,), dtype=np.uint8)
-        pixels = np.clip(base + rng.normal(0, 40, (48, 56, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(sub / f"img{i}.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from PIL import Image
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
@@ -30,19 +28,6 @@ def tiny_overrides(data: Path, out: Path, max_iter: int) -> list[str]:
         "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=5",
         "train.autocast_dtype=fp32", "train.deterministic=true",
     ]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        sub = root / f"part{i % 3}"
-        sub.mkdir(exist_ok=True)
-        base = rng.integers(0, 255, (3,), dtype=np.uint8)
-        pixels = np.clip(base + rng.normal(0, 40, (48, 56, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(sub / f"img{i}.jpg")
-    return root
 
 
 def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path):
