@@ -425,9 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def restore_training_state(path: Path, model: StudentTeacher, optimizer: torch.optim.Optimizer,
                            scaler: torch.amp.GradScaler | None, env: DistEnv) -> dict:
@@ -475,3 +472,7 @@ def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "state": {order[index]: value for index, value in plain["state"].items()},
         "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in plain["param_groups"]],
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

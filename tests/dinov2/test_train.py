@@ -89,3 +89,17 @@ def test_cli_bad_key_is_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert "student.archx" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_resumes_in_the_same_output_dir(image_folder, tmp_path):
+    # The CLI runs train.py as __main__: everything main() calls must be defined before it runs.
+    overrides = [o for o in tiny_overrides(image_folder, tmp_path, 2) if not o.startswith("train.output_dir=")]
+    cmd = [sys.executable, "-m", "dinov2.train", "--output-dir", str(tmp_path), *overrides]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stderr
+    longer = [*cmd, "train.max_iter=3"]  # later overrides win
+    second = subprocess.run(longer, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert second.returncode == 0, second.stderr
+    lines = (tmp_path / "training_metrics.json").read_text().splitlines()
+    iterations = [json.loads(line)["iteration"] for line in lines]
+    assert iterations == [0, 1, 2]  # the second call ran only the new iteration
