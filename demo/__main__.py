@@ -15,6 +15,7 @@ Every step is resumable: re-running reuses the crawl, finished training runs and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -114,8 +115,11 @@ def main() -> int:
         f"{{name: seeds_as_is, sources: [{seeds}], mode: as_is}}]",
     ])
 
-    index = json.loads((curated / "shards" / "index.json").read_text())
-    final = train(OUT / "curated_train", str(curated / "shards" / index["pattern"]), CURATED_ITERS,
+    index_bytes = (curated / "shards" / "index.json").read_bytes()
+    index = json.loads(index_bytes)
+    # One training run per shard set: changed curation settings give new shards and a fresh run, not a stale resume.
+    run_dir = OUT / f"curated_train_{hashlib.sha256(index_bytes).hexdigest()[:8]}"
+    final = train(run_dir, str(curated / "shards" / index["pattern"]), CURATED_ITERS,
                   [f"train.init_from={bootstrap}", "train.init_heads=fresh", "train.head_warmup_iters=10"])
 
     print("\n[demo] kNN evaluation (k = 20) on the held-out folder", flush=True)
