@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline import artifacts
+from data_pipeline.embed import load_embeddings
 from data_pipeline.groups import connected_labels, pick_representatives
 from data_pipeline.knn import Searcher, index_to_bytes, knn_params, measure_recall, searcher_from_bytes
 from data_pipeline.stage import Stage, StageContext, reject_counts
@@ -28,18 +29,6 @@ CHUNK_ROWS = 1 << 16
 # Components above this size are counted as "giant" (transitive chaining at cos 0.6; spec 3.2).
 GIANT_COMPONENT = 1000
 LARGEST_REPORTED = 20
-
-
-def load_embeddings(stage_dir: Path, name: str) -> tuple[np.ndarray, pa.Table]:
-    """One set of an embed stage: float16 [n, d] memory-mapped, and its rows table (`pool_rows.parquet` for "pool").
-
-    Same files as `data_pipeline.embed.load_embeddings`, read here directly so this stage does not import torch.
-    """
-    arr = np.load(stage_dir / f"{name}.npy", mmap_mode="r")
-    rows = artifacts.read_table(stage_dir / ("pool_rows.parquet" if name == "pool" else f"{name}.parquet"))
-    if rows.num_rows != arr.shape[0]:
-        raise ValueError(f"{stage_dir}/{name}: {arr.shape[0]} vectors but {rows.num_rows} rows; re-run the stage")
-    return arr, rows
 
 
 def upstream_tag(ctx: StageContext, *names: str) -> dict[bytes, bytes]:

@@ -12,25 +12,18 @@ Resume: each eval set's matches are written atomically to `_work/matches-NNN.par
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from data_pipeline import artifacts
-from data_pipeline.copy_dedup import load_embeddings, pool_row_ids, upstream_tag
+from data_pipeline.copy_dedup import pool_row_ids, upstream_tag
+from data_pipeline.embed import load_embeddings, parse_eval_set
 from data_pipeline.knn import Searcher, knn_params
 from data_pipeline.stage import Stage, StageContext, reject_counts
 
 MATCH_SCHEMA = pa.schema([("eval_set", pa.string()), ("eval_id", pa.string()), ("row_id", pa.int64()),
                           ("sim", pa.float32()), ("component", pa.int64())])
-
-
-def eval_set_name(entry: str) -> str:
-    """Name of a `decontaminate.eval_sets` entry, as embed_copy names `eval-<name>.npy`: `name=path`, else the
-    path's basename (the rule of `embed.parse_eval_set`, restated so this stage does not import torch)."""
-    name, sep, _ = entry.partition("=")
-    return name if sep else Path(entry.rstrip("/")).name
 
 
 def plan_decontaminate(ctx: StageContext) -> pa.Table:
@@ -68,7 +61,7 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
     out_dir = ctx.stage_dir("decontaminate")
     work = out_dir / "_work"
     emb_dir = ctx.stage_dir("embed_copy")
-    names = [eval_set_name(e) for e in cfg.eval_sets]
+    names = [parse_eval_set(e)[0] for e in cfg.eval_sets]
     if len(set(names)) != len(names):
         raise ValueError(f"decontaminate.eval_sets: duplicate set names {names}")
     n_rows = table.num_rows

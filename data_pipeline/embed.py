@@ -125,10 +125,16 @@ def load_embeddings(stage_dir: Path, name: str) -> tuple[np.ndarray, pa.Table]:
     Returns:
         (float16 [n, d] memory-mapped read-only, rows table with n rows: `pool_rows.parquet` for the pool, else
         `<name>.parquet`).
+
+    Raises:
+        ValueError: when the vectors and the rows table disagree on n.
     """
     stage_dir = Path(stage_dir)
-    rows = stage_dir / ("pool_rows.parquet" if name == POOL else f"{name}.parquet")
-    return np.load(stage_dir / f"{name}.npy", mmap_mode="r"), artifacts.read_table(rows)
+    arr = np.load(stage_dir / f"{name}.npy", mmap_mode="r")
+    rows = artifacts.read_table(stage_dir / ("pool_rows.parquet" if name == POOL else f"{name}.parquet"))
+    if rows.num_rows != arr.shape[0]:
+        raise ValueError(f"{stage_dir}/{name}: {arr.shape[0]} vectors but {rows.num_rows} rows; re-run the stage")
+    return arr, rows
 
 
 # ---------------------------------------------------------------------------------------------------------------- plan

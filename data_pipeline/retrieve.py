@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from data_pipeline import artifacts
 from data_pipeline.cluster import load_hierarchy, load_level
 from data_pipeline.config import CurateConfig, SeedSetConfig
+from data_pipeline.embed import load_embeddings
 from data_pipeline.kmeans import assign, balanced_sample, set_threads
 from data_pipeline.knn import KnnParams, knn_search
 from data_pipeline.stage import Stage, StageContext
@@ -65,8 +66,8 @@ class Pool:
     def __init__(self, ctx: StageContext, manifest: pa.Table) -> None:
         emb = ctx.require("embed_ssl")
         self.emb_dir = emb
-        self.vectors = np.load(emb / "pool.npy", mmap_mode="r")
-        self.row_id = artifacts.read_table(emb / "pool_rows.parquet").column("row_id").to_numpy().astype(np.int64)
+        self.vectors, rows = load_embeddings(emb, "pool")
+        self.row_id = rows.column("row_id").to_numpy().astype(np.int64)
         self.meta = manifest.select(list(META)).take(pa.array(self.row_id))
         self.centroids, self.assign, self.offsets, self.members = load_level(ctx.require("cluster"), 1)
 
@@ -79,7 +80,7 @@ def _load_seeds(pool: Pool, name: str) -> tuple[np.ndarray, pa.Table]:
     vec, tab = pool.emb_dir / f"seed-{name}.npy", pool.emb_dir / f"seed-{name}.parquet"
     if not vec.is_file() or not tab.is_file():
         raise ValueError(f"retrieve: seed set '{name}' has no embeddings in {pool.emb_dir} (seed-{name}.npy/.parquet)")
-    return np.load(vec, mmap_mode="r"), artifacts.read_table(tab)
+    return load_embeddings(pool.emb_dir, f"seed-{name}")
 
 
 def retrieve_as_is(pool: Pool, seeds: pa.Table, s: SeedSetConfig) -> pa.Table:

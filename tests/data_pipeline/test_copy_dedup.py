@@ -18,7 +18,6 @@ from data_pipeline.config import load_config
 from data_pipeline.copy_dedup import STAGE as COPY_STAGE
 from data_pipeline.copy_dedup import self_pairs
 from data_pipeline.decontaminate import STAGE as DECON_STAGE
-from data_pipeline.decontaminate import eval_set_name
 from data_pipeline.knn import KnnParams, Searcher, exact_search, knn_search, knn_self, measure_recall
 from data_pipeline.stage import StageContext, run_stage
 
@@ -344,13 +343,6 @@ def test_missing_eval_embeddings_is_a_clear_error(tmp_path):
     _write_upstream(tmp_path, sc)
     with pytest.raises(ValueError, match="eval-imagenet.npy"):
         _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=["decontaminate.eval_sets=[imagenet=/x]"])
-
-
-def test_eval_set_names_follow_embed():
-    from data_pipeline.embed import parse_eval_set
-
-    for entry in ("in1k=/data/imagenet/val", "/data/imagenet/val/", "flowers.txt", "a.b=/x/y.tar"):
-        assert eval_set_name(entry) == parse_eval_set(entry)[0]
 
 
 def test_rerun_is_a_noop_and_outputs_are_deterministic(tmp_path):
