@@ -66,6 +66,15 @@ def tux_classes() -> dict[str, list[Path]]:
     return out
 
 
+def save_sample(root: Path, split: str, name: str, i: int, image: Image.Image) -> None:
+    """``<split>/<name>/<i>.png``; kNN-train images also go, unlabelled, into ``ssl/`` (what the SSL run sees)."""
+    (root / split / name).mkdir(parents=True, exist_ok=True)
+    image.save(root / split / name / f"{i:03d}.png")
+    if split == "knn_train":
+        (root / "ssl").mkdir(parents=True, exist_ok=True)
+        image.save(root / "ssl" / f"{name}_{i:03d}.png")
+
+
 def write_tux(root: Path) -> int:
     """Write train (labelled + unlabelled copy) and val folders; returns the number of classes."""
     rng = np.random.default_rng(1)
@@ -75,12 +84,7 @@ def write_tux(root: Path) -> int:
         n_train = int(round(0.6 * len(files)))
         for rank, i in enumerate(order):
             split = "knn_train" if rank < n_train else "knn_val"
-            image = on_white(files[i], IMAGE_PX)
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            image.save(root / split / name / f"{i:03d}.png")
-            if split == "knn_train":
-                (root / "ssl").mkdir(parents=True, exist_ok=True)
-                image.save(root / "ssl" / f"{name}_{i:03d}.png")
+            save_sample(root, split, name, i, on_white(files[i], IMAGE_PX))
     return len(classes)
 
 
@@ -101,11 +105,7 @@ def write_photos(root: Path) -> int:
                 size = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
                 top, left = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
                 crop = Image.fromarray(image[top : top + size, left : left + size]).resize((IMAGE_PX, IMAGE_PX))
-                (root / split / name).mkdir(parents=True, exist_ok=True)
-                crop.save(root / split / name / f"{i:03d}.png")
-                if split == "knn_train":
-                    (root / "ssl").mkdir(parents=True, exist_ok=True)
-                    crop.save(root / "ssl" / f"{name}_{i:03d}.png")
+                save_sample(root, split, name, i, crop)
     return len(photos)
 
 
