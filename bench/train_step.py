@@ -8,8 +8,8 @@ Usage:
 A step is what ``dinov2.train`` does per iteration, minus data loading: teacher forward on the global crops, student
 forward on all crops (packed multi-crop), DINO + iBOT + KoLeo losses, backward, per-submodule gradient clipping,
 AdamW step and the EMA teacher update. The batch comes from the real collate (iBOT masks included). FLOPs per image
-come from fvcore (``dinov2.metrics.count_forward_flops``, attention included) exactly as the training log computes
-them: 3 x student forward (forward + backward) + teacher forward. The matmul peak is measured beside it, in the same
+come from the training log's own counter (``dinov2.train.flops_per_image``: fvcore, attention included):
+3 x student forward (forward + backward) + teacher forward. The matmul peak is measured beside it, in the same
 run and precision, so "fraction of peak" compares like with like. Results are printed, never asserted.
 """
 
@@ -32,9 +32,9 @@ from bench.backbone import matmul_peak, sync  # noqa: E402
 from dinov2.config import load_config  # noqa: E402
 from dinov2.data.collate import collate_crops  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
-from dinov2.metrics import count_forward_flops  # noqa: E402
 from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
 from dinov2.optim import apply_schedules, build_optimizer, build_param_groups  # noqa: E402
+from dinov2.train import flops_per_image  # noqa: E402
 
 
 def bench_config(quick: bool, batch: int):
@@ -77,19 +77,6 @@ def make_batch(cfg, batch: int, seed: int = 0) -> dict:
     )
 
 
-def flops_per_image(model: StudentTeacher, cfg) -> float:
-    """Training FLOPs per image, counted the way the training log counts them."""
-    backbone = model.teacher["backbone"]
-    gs, ls, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    with torch.no_grad():
-        global_f = count_forward_flops(backbone, torch.zeros(1, 3, gs, gs))
-        local_f = count_forward_flops(backbone, torch.zeros(1, 3, ls, ls))
-        head_f = count_forward_flops(model.teacher["dino_head"], torch.zeros(1, backbone.embed_dim))
-    student = 2 * global_f + n_local * local_f + (2 + n_local) * head_f
-    teacher = 2 * global_f + 2 * head_f
-    return 3 * student + teacher
-
-
 def run_precision(cfg, batch: dict, device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> dict:
     """Seconds per step (median of ``iters`` timed steps) and the loss values seen, for one autocast dtype."""
     torch.manual_seed(0)
@@ -126,7 +113,7 @@ def run_precision(cfg, batch: dict, device: torch.device, dtype: torch.dtype, wa
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "losses": losses, "flops": flops_per_image(model, cfg)}
+    return {"seconds": statistics.median(times), "losses": losses, "flops": flops_per_image(model, cfg, device)}
 
 
 def main(argv: list[str] | None = None) -> int:

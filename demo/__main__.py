@@ -143,7 +143,7 @@ def main() -> int:
                          ("after decontamination", "decontaminate")):
         print(f"  {label:<28} {count(stage):>6}")
     print(f"  {'retrieved (selected)':<28} {selected:>6}")
-    print(f"  {'in shards':<28} {index['total_samples'] if 'total_samples' in index else selected:>6}"
+    print(f"  {'in shards':<28} {index['nsamples']:>6}"
           f"  ({len(index['shardlist'])} tars)")
     print(f"\n  {'dedup vs ground truth':<28} {'removed':>8} {'precision':>10} {'recall':>8}")
     for label, rows, kinds_ in (("exact", exact, HASH_KINDS[:2]), ("exact + pHash", near, HASH_KINDS),
