@@ -259,9 +259,15 @@ def make_loader(dataset: ItemDataset, cfg: EmbedConfig, pin_memory: bool) -> Dat
 
 
 def chunk_paths(work_dir: Path, set_name: str, chunk: int) -> tuple[Path, Path]:
-    """(vectors .npy, item table .parquet) of one chunk; the .npy is written last and marks the chunk done."""
+    """(vectors .npy, item table .parquet) of one chunk; a chunk is done when both exist (see `chunk_done`)."""
     stem = work_dir / f"{set_name}-chunk-{chunk:06d}"
     return stem.with_suffix(".npy"), stem.with_suffix(".parquet")
+
+
+def chunk_done(work_dir: Path, set_name: str, chunk: int) -> bool:
+    """Both files of the chunk exist. The .npy is written last, but a run killed while `_work` is being deleted
+    can leave an .npy whose .parquet is gone: such a chunk is embedded again."""
+    return all(p.is_file() for p in chunk_paths(work_dir, set_name, chunk))
 
 
 class _ChunkBuffer:
@@ -326,7 +332,7 @@ def embed_chunks(embedder: Embedder, items: pa.Table, cfg: CurateConfig, work_di
     """
     size = cfg.embed.chunk_size
     n = items.num_rows
-    todo = [c for c in range(-(-n // size)) if not chunk_paths(work_dir, set_name, c)[0].is_file()]
+    todo = [c for c in range(-(-n // size)) if not chunk_done(work_dir, set_name, c)]
     if not todo:
         return written
     index = np.concatenate([np.arange(c * size, min(n, (c + 1) * size)) for c in todo])

@@ -200,10 +200,15 @@ def test_kill_and_resume_gives_identical_outputs(tmp_path, corpus, copy_model_pa
     run_stage(COPY_STAGE, StageContext(ctx.cfg, tmp_path / "d"))
     resumed, _ = load_embeddings(tmp_path / "d/embed_copy", "pool")
     assert np.array_equal(resumed[: len(first)], -first) and len(first) > 0
+    # A run killed while deleting `_work` can leave a chunk's .npy without its .parquet: that chunk is redone.
+    shutil.copytree(out, tmp_path / "e")
+    (tmp_path / "e/embed_copy/_work/pool-chunk-000001.parquet").unlink()
+    run_stage(COPY_STAGE, StageContext(ctx.cfg, tmp_path / "e"))
     res = run_stage(COPY_STAGE, ctx)
     assert not res.skipped
     for name in ("pool.npy", "pool_rows.parquet", "eval-copies.npy", "eval-copies.parquet", "_SUCCESS.json"):
         assert (out / "embed_copy" / name).read_bytes() == (tmp_path / "a/embed_copy" / name).read_bytes(), name
+        assert (tmp_path / "e/embed_copy" / name).read_bytes() == (tmp_path / "a/embed_copy" / name).read_bytes()
 
 
 def test_ssl_stage_pool_and_seed_sets(tmp_path, corpus, ssl_model_path):
