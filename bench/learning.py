@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
     parser.add_argument("--data", choices=("auto", "tux", "photos"), default="auto")
     parser.add_argument("--workdir", default="", help="keep data and run here (default: a temp dir)")
+    parser.add_argument("overrides", nargs="*", help="extra training key=value overrides, e.g. ibot.loss_weight=0")
     args = parser.parse_args(argv)
     if args.iters < 20:
         parser.error("--iters must be >= 20")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         n_classes = write_tux(root) if data_kind == "tux" else write_photos(root)
         n_train = sum(1 for _ in (root / "knn_train").rglob("*.png"))
         n_val = sum(1 for _ in (root / "knn_val").rglob("*.png"))
-        cfg = load_config(None, training_overrides(root / "ssl", root / "run", args.iters))
+        cfg = load_config(None, training_overrides(root / "ssl", root / "run", args.iters) + args.overrides)
         setup_logging(root / "run", True, 0)
         torch.manual_seed(cfg.train.seed)
         random_backbone = StudentTeacher(cfg).teacher["backbone"]
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nLearning check: {data_kind} data, {n_classes} classes, {n_train} kNN-train / {n_val} kNN-val images "
           f"at {IMAGE_PX} px; ViT 128-d x 6 blocks, patch 8; {summary['iteration'] + 1} iterations x "
           f"{cfg.train.batch_size_per_gpu} images, fp32 CPU, {torch.get_num_threads()} threads")
+    if args.overrides:
+        print("overrides: " + " ".join(args.overrides))
     print(f"{'model':<14} {'kNN top-1 k=10':>15} {'kNN top-1 k=20':>15}")
     print(f"{'random init':<14} {before['10']:>14.1f}% {before['20']:>14.1f}%")
     print(f"{'trained':<14} {after['10']:>14.1f}% {after['20']:>14.1f}%")

@@ -62,11 +62,23 @@ class LinearWarmupSchedule:
 
 
 @dataclass(frozen=True)
+class ZeroedPrefixSchedule:
+    """``schedule(it)``, but 0 for ``it < zero_iters``: the official last-layer lr (the lr array with its first
+    ``freeze_last_layer_epochs`` epochs overwritten by 0, not shifted, so the warm-up does not restart after it)."""
+
+    schedule: CosineSchedule
+    zero_iters: int
+
+    def __call__(self, it: int) -> float:
+        return 0.0 if it < self.zero_iters else self.schedule(it)
+
+
+@dataclass(frozen=True)
 class TrainingSchedules:
     """All per-iteration hyper-parameters of a run."""
 
     lr: CosineSchedule
-    last_layer_lr: CosineSchedule
+    last_layer_lr: ZeroedPrefixSchedule
     weight_decay: CosineSchedule
     momentum: CosineSchedule
     teacher_temp: LinearWarmupSchedule
@@ -88,13 +100,7 @@ def build_schedules(cfg: TrainConfig, world_size: int) -> TrainingSchedules:
     peak_lr = scaled_lr(cfg, world_size)
     lr = CosineSchedule(peak_lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * epoch)
     # The last layer's lr is 0 for the first freeze_last_layer_epochs: Adam moments still accumulate (as official).
-    last_layer_lr = CosineSchedule(
-        peak_lr,
-        cfg.optim.min_lr,
-        total,
-        warmup_iters=cfg.optim.warmup_epochs * epoch,
-        freeze_iters=cfg.optim.freeze_last_layer_epochs * epoch,
-    )
+    last_layer_lr = ZeroedPrefixSchedule(lr, cfg.optim.freeze_last_layer_epochs * epoch)
     wd = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
     teacher_temp = LinearWarmupSchedule(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dinov2.config import StudentConfig, TrainConfig
-from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
 from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
 
@@ -113,14 +113,13 @@ class StudentTeacher(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Teacher target probabilities: DINO (2B, K) for the crop-swapped global crops, iBOT (M, K) masked tokens."""
+        """Teacher target probabilities: DINO (2B, K) of the global crops (crop-major), iBOT (M, K) masked tokens."""
         global_crops = batch["collated_global_crops"]
         out = self.teacher["backbone"](global_crops, is_training=True)
         dino_targets = ibot_targets = None
         if self.do_dino:
-            first, second = out["x_norm_clstoken"].chunk(2)  # (B, D) each
-            swapped = torch.cat((second, first))  # student crop 1 learns from teacher crop 2 and vice versa
-            logits = self.teacher["dino_head"](swapped).float()  # (2B, K)
+            # natural crop order; dino_crop_losses pairs student crop 1 with teacher crop 2 and vice versa
+            logits = self.teacher["dino_head"](out["x_norm_clstoken"]).float()  # (2B, K)
             if self.centering == "centering":
                 dino_targets = self.dino_loss.softmax_center_teacher(logits, teacher_temp)
                 self.dino_loss.update_center(logits)
@@ -162,20 +161,13 @@ class StudentTeacher(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         total = global_cls.new_zeros((), dtype=torch.float32)
         if self.do_dino:
-            n_global_terms = 2  # (n_global - 1) * n_global with two global crops
-            n_local_terms = 2 * self.n_local_crops if has_locals else 0
-            n_terms = n_global_terms + n_local_terms
             cls_tokens = [global_cls] + ([outputs[1]["x_norm_clstoken"]] if has_locals else [])
             logits = self.student["dino_head"](torch.cat(cls_tokens)).float()  # (2B + n_local*B, K)
             global_logits, local_logits = logits[: global_cls.shape[0]], logits[global_cls.shape[0] :]
-            teacher_per_crop = list(dino_targets.chunk(2))  # each (B, K)
-            global_loss = self.dino_loss([global_logits], [dino_targets]) * 2 / n_terms
-            losses["dino_global_crops_loss"] = global_loss
-            total = total + self.dino_loss_weight * global_loss
-            if has_locals:
-                local_loss = self.dino_loss(list(local_logits.chunk(self.n_local_crops)), teacher_per_crop) / n_terms
-                losses["dino_local_crops_loss"] = local_loss
-                total = total + self.dino_loss_weight * local_loss
+            dino_terms = dino_crop_losses(global_logits, local_logits, dino_targets, self.dino_loss.student_temp)
+            for name, value in dino_terms.items():
+                losses[name] = value
+                total = total + self.dino_loss_weight * value
         if self.do_koleo:
             koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2))
             losses["koleo_loss"] = self.koleo_loss_weight * koleo

@@ -32,8 +32,10 @@ def test_default_schedules_at_known_iterations():
     assert s.lr(12499) == pytest.approx(0.004)  # last warm-up point is the peak
     assert s.lr(12500) == pytest.approx(0.004)  # first cosine point is the peak too
     assert s.lr(125000) == pytest.approx(1e-6)
-    assert s.last_layer_lr(1249) == 0.0 and s.last_layer_lr(1250) == 0.0  # frozen for one epoch, then warm-up at 0
-    assert s.last_layer_lr(5000) > 0
+    assert s.last_layer_lr(1249) == 0.0  # frozen for one epoch ...
+    # ... then the lr schedule itself, mid warm-up (the official overwrites the first epoch with 0, it does not shift)
+    assert s.last_layer_lr(1250) == s.lr(1250) == pytest.approx(0.004 * 1250 / 12499)
+    assert all(s.last_layer_lr(i) == s.lr(i) for i in (5000, 12500, 60000, 125000))
     assert s.teacher_temp(0) == 0.04
     assert s.teacher_temp(18750) == pytest.approx(0.0550, abs=1e-4)
     assert s.teacher_temp(37500) == 0.07 and s.teacher_temp(100000) == 0.07
