@@ -465,7 +465,8 @@ COPY_STAGE = Stage(
     name="embed_copy",
     inputs=("near_dedup",),
     outputs=("pool.npy", "pool_rows.parquet"),
-    config_sections=("embed", "decontaminate", "decode"),
+    # The eval sets (names, files, mtimes) are rows of the plan; decontaminate's own knobs must not re-embed.
+    config_sections=("embed", "decode"),
     plan=plan_copy,
     finish=finish_copy,
 )
@@ -474,7 +475,8 @@ SSL_STAGE = Stage(
     name="embed_ssl",
     inputs=("decontaminate",),
     outputs=("pool.npy", "pool_rows.parquet"),
-    config_sections=("embed", "retrieve", "decode"),
+    # The seed sets (names, files, mtimes) are rows of the plan; retrieval knobs must not re-embed the pool.
+    config_sections=("embed", "decode"),
     plan=plan_ssl,
     finish=finish_ssl,
 )

@@ -230,6 +230,20 @@ def test_ssl_stage_pool_and_seed_sets(tmp_path, corpus, ssl_model_path):
     assert sims[~np.eye(len(pool), dtype=bool)].max() < 0.9999
 
 
+def test_downstream_knobs_do_not_re_embed(tmp_path, corpus, copy_model_path, ssl_model_path):
+    ctx = make_ctx(tmp_path, corpus, copy_model=copy_model_path, ssl_model=ssl_model_path)
+    assert not run_stage(COPY_STAGE, ctx).skipped and not run_stage(SSL_STAGE, ctx).skipped
+    ctx.cfg.decontaminate.threshold, ctx.cfg.decontaminate.k = 0.1, 5
+    ctx.cfg.retrieve.seed_sets[0].mode, ctx.cfg.retrieve.seed_sets[0].n_neighbors = "cluster", 99
+    assert run_stage(COPY_STAGE, ctx).skipped and run_stage(SSL_STAGE, ctx).skipped
+    # which sets exist is part of the plan: renaming one is a new result
+    ctx.cfg.decontaminate.eval_sets = [f"renamed={corpus['eval']}"]
+    ctx.cfg.retrieve.seed_sets[0].name = "seedB"
+    assert not run_stage(COPY_STAGE, ctx).skipped and not run_stage(SSL_STAGE, ctx).skipped
+    assert (tmp_path / "embed_copy" / "eval-renamed.npy").is_file()
+    assert (tmp_path / "embed_ssl" / "seed-seedB.npy").is_file()
+
+
 def test_model_file_in_fingerprint(tmp_path, corpus, copy_model_path):
     ctx = make_ctx(tmp_path, corpus, copy_model=copy_model_path)
     assert run_stage(COPY_STAGE, ctx).skipped is False
