@@ -141,6 +141,10 @@ class StudentTeacher(nn.Module):
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Loss terms of one step. ``total_loss`` is exactly what is back-propagated.
 
+        With DINO on, ``dino_teacher_entropy`` (no gradient, nats) is the mean entropy of the teacher's targets,
+        logged beside the losses as the DINO paper's collapse monitor: it tends to ln K (and the DINO terms to their
+        ln K-based maximum) when centering dominates sharpening, and to 0 when every image gets one prototype.
+
         Args:
             batch: the collated batch (``collated_global_crops`` (2B,3,G,G) crop-major, ``collated_local_crops``
                 (n_local*B,3,L,L), ``collated_masks`` (2B,N) bool, ``mask_indices_list`` (M,), ``masks_weight``
@@ -168,6 +172,8 @@ class StudentTeacher(nn.Module):
             for name, value in dino_terms.items():
                 losses[name] = value
                 total = total + self.dino_loss_weight * value
+            # A collapse monitor, not a loss: ln K means uniform targets (centering wins), 0 one-hot ones.
+            losses["dino_teacher_entropy"] = -(dino_targets * dino_targets.clamp_min(1e-30).log()).sum(-1).mean()
         if self.do_koleo:
             koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2))
             losses["koleo_loss"] = self.koleo_loss_weight * koleo

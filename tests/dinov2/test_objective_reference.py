@@ -8,6 +8,7 @@ tensor code (no ``dinov2.loss`` import) and is run on a deep copy of the same mo
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -97,6 +98,7 @@ class ReferenceStep:
             "koleo_loss": koleo,
             "ibot_loss": ibot,
             "total_loss": total,
+            "dino_teacher_entropy": -(teacher_dino * torch.log(teacher_dino)).sum(dim=-1).mean(),
         }
 
     @torch.no_grad()
@@ -141,6 +143,7 @@ def test_objective_equals_reference_over_steps(image_folder, tmp_path, centering
         reference.ema(momentum)
 
     assert got["dino_local_crops_loss"] > 0 and got["ibot_loss"] > 0 and got["koleo_loss"] != 0
+    assert 0 < got["dino_teacher_entropy"] <= math.log(cfg.dino.head_n_prototypes) + 1e-5
     for (name, a), b in zip(ours.teacher.state_dict().items(), reference.model.teacher.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     if centering == "centering":  # the lazily applied center equals the reference's eagerly updated one
