@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 logger = logging.getLogger("dinov2")
 
@@ -41,10 +44,16 @@ class SmoothedValue:
 class MetricLogger:
     """Collects per-iteration values and writes a line (console + ``training_metrics.json``) every ``period`` steps.
 
-    Only the main process should create one with ``enabled=True``; the others get a silent instance.
+    Only the main process should create one with ``enabled=True``; the others get a silent instance. With
+    ``progress`` (default: when stderr is a terminal) a tqdm bar on stderr advances every iteration and the console
+    lines are printed above it.
     """
 
-    def __init__(self, output_dir: Path, period: int, max_iter: int, enabled: bool, tensorboard: bool = False):
+    def __init__(self, output_dir: Path, period: int, max_iter: int, enabled: bool, tensorboard: bool = False,
+                 progress: bool | None = None):
+        self.progress = enabled and (sys.stderr.isatty() if progress is None else progress)
+        self.bar = None
+        self._redirect = contextlib.ExitStack()
         self.period = period
         self.max_iter = max_iter
         self.enabled = enabled
@@ -67,6 +76,13 @@ class MetricLogger:
         if self.start_iter is None:
             self.start_iter = iteration
             self.start_time = time.perf_counter()
+            if self.progress:
+                self.bar = tqdm(total=self.max_iter, initial=iteration, unit="it", dynamic_ncols=True, file=sys.stderr)
+                self._redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))  # log lines above the bar
+        if self.bar is not None:
+            self.bar.update(1)
+            if "total_loss" in values:
+                self.bar.set_postfix(loss=f"{float(values['total_loss']):.4g}", refresh=False)
         for name, value in values.items():
             self.meters.setdefault(name, SmoothedValue()).update(float(value))
         last = iteration == self.max_iter - 1
@@ -91,6 +107,10 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._redirect.close()
 
 
 def setup_logging(output_dir: Path, is_main: bool, rank: int) -> None:

@@ -32,3 +32,24 @@ def test_tensorboard_scalars(tmp_path):
     steps = [(e.step, e.value) for e in events.Scalars("total_loss")]
     assert [s for s, _ in steps] == [0, 1, 2]
     assert steps[0][1] == 10.0  # median of the window so far
+
+
+def test_progress_bar_on_request_and_log_lines_still_written(tmp_path, capsys):
+    from dinov2.metrics import setup_logging
+
+    setup_logging(tmp_path, is_main=True, rank=0)
+    log = MetricLogger(tmp_path, period=2, max_iter=6, enabled=True, progress=True)
+    for it in range(2, 6):  # a resumed run: the bar starts at its first iteration
+        log.update(it, {"total_loss": 0.5})
+    log.close()
+    captured = capsys.readouterr()
+    assert "6/6" in captured.err and "loss=0.5" in captured.err
+    assert "it 4/6" in (tmp_path / "logs" / "log.txt").read_text()
+    assert "it 6/6" in captured.out + captured.err  # console lines printed through the bar, not lost
+
+
+def test_no_progress_bar_when_not_interactive(tmp_path, capsys):
+    log = MetricLogger(tmp_path, period=1, max_iter=2, enabled=True)  # pytest's stderr is not a terminal
+    log.update(0, {"total_loss": 1.0})
+    log.close()
+    assert log.progress is False and "it/s" not in capsys.readouterr().err
