@@ -4,6 +4,7 @@ Usage:
     python bench/learning.py                  # ~10 minutes on 2 cores
     python bench/learning.py --iters 60       # a smoke run
     python bench/learning.py --data tux       # force a data set: tux (default when installed) or photos
+    python bench/learning.py ibot.loss_weight=0 dino.koleo_loss_weight=0   # ablations: any training overrides
 
 Data (real images, nothing downloaded at run time):
 - ``tux``: Debian's ``tuxpaint-stamps-default`` (``apt-get install tuxpaint-stamps-default``): drawings and photos of
@@ -22,6 +23,8 @@ than fp32 on CPUs without AMX, see bench/train_step.py). Results are printed, ne
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
 import time
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         trained = StudentTeacher(cfg)
         trained.load_state_dict(state["model"])
         after = evaluate_knn(trained.teacher["backbone"], *knn)["top1"]
+        records = [json.loads(line) for line in (root / "run" / "training_metrics.json").read_text().splitlines()]
+        entropies = [r["dino_teacher_entropy"] for r in records if "dino_teacher_entropy" in r]
         total_s = time.perf_counter() - start
 
     losses = summary["losses"]
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'gain':<14} {after['10'] - before['10']:>+14.1f}  {after['20'] - before['20']:>+14.1f}")
     print(f"chance {100 / n_classes:.1f}%; loss {losses[0]:.3f} -> {losses[-1]:.3f}; training {train_s / 60:.1f} min, "
           f"whole benchmark {total_s / 60:.1f} min (target: clear gain within 15 min on 2 cores)")
+    if entropies:
+        print(f"DINO teacher-target entropy {entropies[0]:.2f} -> {entropies[-1]:.2f} nats "
+              f"(ln K = {math.log(cfg.dino.head_n_prototypes):.2f} is uniform targets)")
     return 0
 
 
