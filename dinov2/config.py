@@ -143,6 +143,10 @@ class TrainSection:
     log_period: int = 10  # iterations between metric lines
     nonfinite_policy: str = "skip"  # skip | abort: what a NaN/inf loss or grad norm does
     max_consecutive_nonfinite: int = 3  # abort after this many non-finite steps in a row
+    # a loss this many robust std devs above the median of the last loss_spike_window steps is logged with its batch
+    # keys to logs/anomalies.jsonl (0 disables; logging only, see dinov2/anomaly.py)
+    loss_spike_threshold: float = 8.0
+    loss_spike_window: int = 100
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resume checks
     max_iter: int = -1  # stop after this many iterations (-1: optim.epochs * OFFICIAL_EPOCH_LENGTH)
     tensorboard: bool = False  # also log to TensorBoard (JSON lines are always written)
@@ -166,6 +170,9 @@ class TrainSection:
         _check_positive("train.log_period", self.log_period)
         _check_choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "abort"))
         _check_positive("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
+        _check_positive("train.loss_spike_threshold", self.loss_spike_threshold, allow_zero=True)
+        if self.loss_spike_window < 4:
+            raise ConfigError(f"train.loss_spike_window: must be >= 4, got {self.loss_spike_window}")
         _check_choice("train.strategy", self.strategy, PARALLEL_STRATEGIES)
         _check_choice("train.init_heads", self.init_heads, ("checkpoint", "fresh"))
         _check_positive("train.head_warmup_iters", self.head_warmup_iters, allow_zero=True)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dinov2 import parallel
+from dinov2.anomaly import AnomalyLog, LossSpikeDetector
 from dinov2.checkpoint import (
     STATE_FILE,
     capture_rng_state,
@@ -212,6 +213,8 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
                 images_per_step, image_flops / 1e9)
     preemption = PreemptionHandler()
     preemption.install()
+    spikes = LossSpikeDetector(cfg.train.loss_spike_window, cfg.train.loss_spike_threshold)
+    anomalies = AnomalyLog(output_dir, env.rank)
     student_groups = {
         name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()
     }
@@ -261,8 +264,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()  # lets the fp16 loss scale back off
-            logger.warning("non-finite loss or gradient at iteration %d (%s); step skipped", iteration,
-                           {k: float(v) for k, v in loss_terms.items()})
+            terms = {k: float(v.detach()) for k, v in loss_terms.items()}
+            terms.update({f"grad_norm_{k}": float(v) for k, v in grad_norms.items()})
+            anomalies.record(iteration, "nonfinite", terms, batch.get("sample_keys", []))
+            logger.warning("non-finite loss or gradient at iteration %d (%s); step skipped, batch keys in %s",
+                           iteration, terms, anomalies.path)
             if cfg.train.nonfinite_policy == "abort" or consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {iteration} ({consecutive_nonfinite} consecutive); stopping"
@@ -289,6 +295,10 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True) -> dict:
         # --- metrics ---
         values = {k: float(v.detach()) for k, v in loss_terms.items()}
         losses_seen.append(values["total_loss"])
+        if spikes.is_spike(values["total_loss"]):  # this rank's own loss: the keys below are its batch
+            anomalies.record(iteration, "spike", values, batch.get("sample_keys", []))
+            logger.warning("loss spike at iteration %d on rank %d: %.4g; batch keys in %s", iteration, env.rank,
+                           values["total_loss"], anomalies.path)
         values = reduce_mean(values, env, device)
         step_time = time.perf_counter() - step_start
         images_per_s = images_per_step / max(step_time, 1e-9)

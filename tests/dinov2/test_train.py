@@ -1,18 +1,20 @@
 """The trainer end to end on a tiny ViT: gradients everywhere, EMA teacher, exact resume, corrupt inputs, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
 from dinov2.distributed import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
-from dinov2.train import train
+from dinov2.train import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,3 +105,73 @@ def test_cli_resumes_in_the_same_output_dir(image_folder, tmp_path):
     lines = (tmp_path / "training_metrics.json").read_text().splitlines()
     iterations = [json.loads(line)["iteration"] for line in lines]
     assert iterations == [0, 1, 2]  # the second call ran only the new iteration
+
+
+def _inject(monkeypatch, faults: dict[int, float], snapshots: list | None = None) -> None:
+    """Multiply the loss terms of the given forward calls (0-based, one per iteration) by a factor (nan, inf, 50)."""
+    original = StudentTeacher.forward
+    calls = []
+
+    def forward(self, batch, teacher_temp):
+        if snapshots is not None:
+            snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
+        losses = original(self, batch, teacher_temp)
+        factor = faults.get(len(calls))
+        calls.append(1)
+        if factor is None:
+            return losses
+        losses = dict(losses)
+        losses["dino_global_crops_loss"] = losses["dino_global_crops_loss"] * factor
+        losses["total_loss"] = losses["total_loss"] * factor
+        return losses
+
+    monkeypatch.setattr(StudentTeacher, "forward", forward)
+
+
+def _anomalies(out: Path) -> list[dict]:
+    path = out / "logs" / "anomalies.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_nonfinite_step_is_skipped_leaving_weights_ema_and_centers(image_folder, tmp_path, monkeypatch):
+    snapshots: list[dict] = []
+    _inject(monkeypatch, {2: float("nan")}, snapshots)
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 5))
+    summary = train(cfg, DistEnv.from_environment())
+    assert summary["iteration"] == 4 and all(np.isfinite(summary["losses"]))
+    # state at the start of iteration 3 == state at the start of iteration 2: params, teacher, centers, pending
+    assert snapshots[3].keys() == snapshots[2].keys()
+    assert all(torch.equal(snapshots[3][k], snapshots[2][k]) for k in snapshots[2])
+    assert not all(torch.equal(snapshots[2][k], snapshots[1][k]) for k in snapshots[1])  # a normal step changes it
+    lines = [json.loads(line) for line in (tmp_path / "training_metrics.json").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1, 3, 4]
+    [record] = _anomalies(tmp_path)
+    assert record["kind"] == "nonfinite" and record["iteration"] == 2 and math.isnan(record["total_loss"])
+    assert len(record["sample_keys"]) == 4 and all(record["sample_keys"])
+
+
+def test_consecutive_nonfinite_steps_abort_and_never_reach_a_checkpoint(image_folder, tmp_path, monkeypatch):
+    _inject(monkeypatch, {i: float("inf") for i in range(2, 10)})
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 10) + ["train.checkpoint_period=1"])
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        train(cfg, DistEnv.from_environment())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000000", "iter_0000001"]
+    assert [r["iteration"] for r in _anomalies(tmp_path)] == [2, 3, 4]
+
+
+def test_abort_policy_stops_at_the_first_nonfinite_step(image_folder, tmp_path, monkeypatch):
+    _inject(monkeypatch, {1: float("nan")})
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 4) + ["train.nonfinite_policy=abort"])
+    with pytest.raises(NonFiniteLossError, match="iteration 1 "):
+        train(cfg, DistEnv.from_environment())
+
+
+def test_loss_spike_is_logged_with_its_batch_keys(image_folder, tmp_path, monkeypatch):
+    _inject(monkeypatch, {6: 50.0})
+    overrides = ["train.loss_spike_window=4", "train.checkpoint_period=100"]
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 8) + overrides)
+    summary = train(cfg, DistEnv.from_environment())
+    assert summary["iteration"] == 7  # a spike is only logged
+    spikes = [r for r in _anomalies(tmp_path) if r["kind"] == "spike"]
+    assert 6 in [r["iteration"] for r in spikes]
+    assert len(spikes[-1]["sample_keys"]) == 4
