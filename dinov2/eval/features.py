@@ -83,14 +83,17 @@ def iter_features(
     n_last_blocks: int = 1,
     batch_size: int = 64,
     num_workers: int = 0,
+    augment_seed: int | None = None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
     """Yield ``(start index, {kind: (b, ...)}, ok (b,) bool)`` batch by batch, in dataset order.
 
-    Unreadable images give zero features and ``ok=False`` (counted by the caller, not fatal).
+    Unreadable images give zero features and ``ok=False`` (counted by the caller, not fatal). ``augment_seed``
+    switches from the eval transform to the seeded training augmentation (see ``DecodedImages``).
     """
     source = data.source if isinstance(data, LabelledImages) else data
     loader = torch.utils.data.DataLoader(
-        DecodedImages(source, image_size), batch_size=batch_size, num_workers=num_workers, shuffle=False
+        DecodedImages(source, image_size, augment_seed), batch_size=batch_size, num_workers=num_workers,
+        shuffle=False,
     )
     device = next(model.parameters()).device
     was_training = model.training
@@ -115,11 +118,13 @@ def extract_features(
     n_last_blocks: int = 1,
     batch_size: int = 64,
     num_workers: int = 0,
+    augment_seed: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """All features in memory: ``{kind: (n, ...)}`` float32 and the validity mask ``(n,)`` bool."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     valid = []
-    for _, feats, ok in iter_features(model, data, image_size, kinds, n_last_blocks, batch_size, num_workers):
+    batches = iter_features(model, data, image_size, kinds, n_last_blocks, batch_size, num_workers, augment_seed)
+    for _, feats, ok in batches:
         for k, v in feats.items():
             parts[k].append(v)
         valid.append(ok)

@@ -392,3 +392,46 @@ def test_pca_mask_separates_object_from_background():
     assert rgb.shape == (8, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
     foreground = rgb.sum(-1) > 0
     assert foreground[2:6, 2:6].sum() >= 14 and foreground.sum() <= 18
+
+
+def test_random_resized_crop_box_stays_inside_and_follows_the_seed():
+    import random
+
+    from dinov2.eval.datasets import random_resized_crop_box
+
+    boxes = set()
+    for seed in range(200):
+        top, left, h, w = random_resized_crop_box(64, 40, random.Random(seed))
+        assert 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= 40 and left + w <= 64
+        assert 0.08 * 64 * 40 * 0.9 <= h * w  # at least ~8% of the area (rounding aside), or the fallback
+        boxes.add((top, left, h, w))
+        assert random_resized_crop_box(64, 40, random.Random(seed)) == (top, left, h, w)
+    assert len(boxes) > 150
+    # a 10:1 strip never fits the aspect range: the fallback is the centre crop of clamped aspect 4:3
+    assert random_resized_crop_box(300, 30, random.Random(0), scale=(0.99, 1.0)) == (0, 130, 30, 40)
+
+
+def test_augmented_features_are_seeded_views(backbone, data):
+    train = open_labelled(data["train"])
+    plain, _ = extract_features(backbone, train, IMAGE_SIZE, ("cls",))
+    view_a, _ = extract_features(backbone, train, IMAGE_SIZE, ("cls",), augment_seed=1)
+    again, _ = extract_features(backbone, train, IMAGE_SIZE, ("cls",), batch_size=3, num_workers=2, augment_seed=1)
+    view_b, _ = extract_features(backbone, train, IMAGE_SIZE, ("cls",), augment_seed=2)
+    torch.testing.assert_close(view_a["cls"], again["cls"])  # batching and workers do not change a view
+    assert not torch.allclose(view_a["cls"], view_b["cls"]) and not torch.allclose(view_a["cls"], plain["cls"])
+
+
+def test_linear_probe_with_augmentation_reencodes_each_epoch(backbone, data, tmp_path, monkeypatch):
+    seeds = []
+    original = linear.extract_features
+
+    def counting(*args, **kwargs):
+        seeds.append(args[7] if len(args) > 7 else kwargs.get("augment_seed"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "extract_features", counting)
+    results = linear.run_linear_eval(backbone, data["train"], tmp_path, data["val"], image_size=IMAGE_SIZE,
+                                     lrs=(0.1, 1.0), epochs=4, batch_size=8, augment=True)
+    assert results["train_augment"] is True and results["val_accuracy"] >= 80.0
+    assert sorted(s for s in seeds if s is not None) == [0, 1, 2, 3]  # one fresh train view per epoch
+    assert seeds.count(None) == 1  # val: the eval transform, once
