@@ -251,7 +251,9 @@ class OptimConfig:
         _check_positive("optim.base_lr", self.base_lr, allow_zero=True)
         _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
         _check_choice("optim.scaling_rule", self.scaling_rule, ("sqrt_wrt_1024", "linear_wrt_256", "none"))
-        if self.warmup_epochs + self.freeze_last_layer_epochs > 2 * self.epochs:
+        # the official CosineScheduler cannot build a warm-up longer than the run (the last layer's freeze is a
+        # zeroed prefix of the same schedule, so it needs no room of its own)
+        if self.warmup_epochs > self.epochs:
             raise ConfigError(f"optim.warmup_epochs: {self.warmup_epochs} is longer than optim.epochs={self.epochs}")
 
 

@@ -142,8 +142,9 @@ class StudentTeacher(nn.Module):
         """Loss terms of one step. ``total_loss`` is exactly what is back-propagated.
 
         With DINO on, ``dino_teacher_entropy`` (no gradient, nats) is the mean entropy of the teacher's targets,
-        logged beside the losses as the DINO paper's collapse monitor: it tends to ln K (and the DINO terms to their
-        ln K-based maximum) when centering dominates sharpening, and to 0 when every image gets one prototype.
+        logged beside the losses as the DINO paper's collapse monitor: it tends to ln K when centering dominates
+        sharpening (each cross-entropy pair is then ≥ ln K, so the DINO terms stall near (pairs / T)·ln K), and to 0
+        when every image gets one prototype.
 
         Args:
             batch: the collated batch (``collated_global_crops`` (2B,3,G,G) crop-major, ``collated_local_crops``
