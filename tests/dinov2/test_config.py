@@ -64,6 +64,9 @@ def test_dotlist_overrides_win_over_file(tmp_path):
         (["train.centering=softmax"], "train.centering"),
         (["crops.global_crops_size=225", "student.patch_size=14"], "crops.global_crops_size"),
         (["optim.scaling_rule=cubic"], "optim.scaling_rule"),
+        (["optim.epochs=5", "optim.warmup_epochs=6"], "optim.warmup_epochs"),
+        (["train.loss_spike_window=2"], "train.loss_spike_window"),
+        (["train.loss_spike_threshold=-1"], "train.loss_spike_threshold"),
         (["compute_precision.student.backbone.mixed_precision.param_dtype=fp8"], "param_dtype"),
     ],
 )
