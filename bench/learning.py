@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.config import load_config  # noqa: E402
 from dinov2.distributed import DistEnv  # noqa: E402
-from dinov2.eval.knn import evaluate_knn  # noqa: E402
+from dinov2.eval.datasets import open_labelled  # noqa: E402
+from dinov2.eval.knn import extract_cls_features, knn_predict  # noqa: E402
 from dinov2.metrics import setup_logging  # noqa: E402
 from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
 from dinov2.train import train  # noqa: E402
@@ -112,6 +113,25 @@ def write_photos(root: Path) -> int:
     return len(photos)
 
 
+def knn_correct(backbone: torch.nn.Module, root: Path, ks: tuple[int, ...] = (10, 20)) -> dict[str, np.ndarray]:
+    """Per val image, whether the official weighted kNN (T = 0.07) on the CLS features classifies it right."""
+    train = open_labelled(root / "knn_train")
+    val = open_labelled(root / "knn_val", classes=train.classes)
+    train_feats, train_ok = extract_cls_features(backbone, train, IMAGE_PX)
+    val_feats, val_ok = extract_cls_features(backbone, val, IMAGE_PX)
+    predictions = knn_predict(train_feats[train_ok], train.labels[train_ok], val_feats[val_ok], ks,
+                              n_classes=len(train.classes))
+    return {str(k): (p == val.labels[val_ok]).numpy() for k, p in predictions.items()}
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar p-value: the chance of a split at least this uneven of the wins + losses images
+    that only one of the two models gets right, if both models were equally good."""
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def training_overrides(data: Path, out: Path, iters: int) -> list[str]:
     """A ViT small enough for 2 cores: 128-d, 6 blocks, patch 8 at 64 px (8 x 8 tokens), 4 local crops of 32 px."""
     epoch = max(1, iters // 20)  # 20 'epochs' whatever the length, so warm-ups keep their share
@@ -159,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(root / "run", True, 0)
         torch.manual_seed(cfg.train.seed)
         random_backbone = StudentTeacher(cfg).teacher["backbone"]
-        knn = (root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20))
-        before = evaluate_knn(random_backbone, *knn)["top1"]
+        correct_before = knn_correct(random_backbone, root)
         t_train = time.perf_counter()
         summary = train(cfg, DistEnv(), resume=False)
         train_s = time.perf_counter() - t_train
@@ -168,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                            weights_only=True)
         trained = StudentTeacher(cfg)
         trained.load_state_dict(state["model"])
-        after = evaluate_knn(trained.teacher["backbone"], *knn)["top1"]
+        correct_after = knn_correct(trained.teacher["backbone"], root)
         records = [json.loads(line) for line in (root / "run" / "training_metrics.json").read_text().splitlines()]
         entropies = [r["dino_teacher_entropy"] for r in records if "dino_teacher_entropy" in r]
         total_s = time.perf_counter() - start
 
+    before = {k: 100.0 * v.mean() for k, v in correct_before.items()}
+    after = {k: 100.0 * v.mean() for k, v in correct_after.items()}
+    wins = int((correct_after["20"] & ~correct_before["20"]).sum())
+    regressions = int((correct_before["20"] & ~correct_after["20"]).sum())
     losses = summary["losses"]
     print(f"\nLearning check: {data_kind} data, {n_classes} classes, {n_train} kNN-train / {n_val} kNN-val images "
           f"at {IMAGE_PX} px; ViT 128-d x 6 blocks, patch 8; {summary['iteration'] + 1} iterations x "
@@ -185,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'gain':<14} {after['10'] - before['10']:>+14.1f}  {after['20'] - before['20']:>+14.1f}")
     print(f"chance {100 / n_classes:.1f}%; loss {losses[0]:.3f} -> {losses[-1]:.3f}; training {train_s / 60:.1f} min, "
           f"whole benchmark {total_s / 60:.1f} min (target: clear gain within 15 min on 2 cores)")
+    print(f"paired at k=20: {wins} val images right only after training, {regressions} right only at random init; "
+          f"exact McNemar p = {mcnemar_p(wins, regressions):.3g}")
     if entropies:
         print(f"DINO teacher-target entropy {entropies[0]:.2f} -> {entropies[-1]:.2f} nats "
               f"(ln K = {math.log(cfg.dino.head_n_prototypes):.2f} is uniform targets)")

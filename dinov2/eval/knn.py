@@ -53,6 +53,42 @@ def extract_cls_features(
     return F.normalize(feats["cls"], dim=-1), valid
 
 
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    n_classes: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """Weighted-kNN class predictions (n_test,) int64 for each k (capped at the number of training samples).
+
+    Each of the k nearest training samples (cosine) votes for its class with weight exp(sim / T), as the official
+    protocol (normalised over the neighbours, which does not change the argmax).
+
+    Args:
+        train_features: (n_train, D), L2-normalised.
+        train_labels: (n_train,) int64.
+        test_features: (n_test, D), L2-normalised.
+        n_classes: number of classes (default: max train label + 1).
+    """
+    n_classes = n_classes or int(train_labels.max()) + 1
+    max_k = min(max(ks), train_features.shape[0])
+    predictions: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, test_features.shape[0], chunk_size):
+        sims = test_features[start : start + chunk_size] @ train_features.T  # (c, n_train)
+        top_sims, top_idx = sims.topk(max_k, dim=1)  # (c, max_k), sorted descending
+        weights = (top_sims / temperature).softmax(dim=1)
+        onehot = F.one_hot(train_labels[top_idx], n_classes).float()  # (c, max_k, C)
+        for k in ks:
+            kk = min(k, max_k)
+            votes = (weights[:, :kk, None] * onehot[:, :kk]).sum(dim=1)  # (c, C)
+            predictions[k].append(votes.argmax(dim=1))
+    empty = torch.zeros(0, dtype=torch.int64)
+    return {k: torch.cat(v) if v else empty for k, v in predictions.items()}
+
+
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -62,28 +98,10 @@ def knn_classify(
     temperature: float = 0.07,
     chunk_size: int = 1024,
 ) -> dict[int, float]:
-    """Top-1 accuracy (in %) of weighted kNN for each k (capped at the number of training samples).
-
-    Args:
-        train_features: (n_train, D), L2-normalised.
-        train_labels: (n_train,) int64.
-        test_features: (n_test, D), L2-normalised.
-        test_labels: (n_test,) int64.
-    """
+    """Top-1 accuracy (in %) of weighted kNN for each k (see ``knn_predict``); test_labels (n_test,) int64."""
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    max_k = min(max(ks), train_features.shape[0])
-    correct = {k: 0 for k in ks}
-    for start in range(0, test_features.shape[0], chunk_size):
-        sims = test_features[start : start + chunk_size] @ train_features.T  # (c, n_train)
-        top_sims, top_idx = sims.topk(max_k, dim=1)  # (c, max_k), sorted descending
-        weights = (top_sims / temperature).softmax(dim=1)
-        onehot = F.one_hot(train_labels[top_idx], n_classes).float()  # (c, max_k, C)
-        targets = test_labels[start : start + chunk_size]
-        for k in ks:
-            kk = min(k, max_k)
-            votes = (weights[:, :kk, None] * onehot[:, :kk]).sum(dim=1)  # (c, C)
-            correct[k] += int((votes.argmax(dim=1) == targets).sum())
-    return {k: 100.0 * correct[k] / test_features.shape[0] for k in ks}
+    predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, chunk_size, n_classes)
+    return {k: 100.0 * float((p == test_labels).sum()) / test_features.shape[0] for k, p in predictions.items()}
 
 
 def evaluate_knn(
