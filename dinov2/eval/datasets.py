@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
-import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,38 +233,17 @@ def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of torchvision's RandomResizedCrop sampling (10 tries, then a centre crop of clamped
-    aspect), drawn from ``rng`` so that a crop depends on the seed only, not on worker scheduling."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def train_transform(image: Image.Image, image_size: int, rng: random.Random) -> torch.Tensor:
-    """The official linear-probe training augmentation: random-resized crop (bicubic), horizontal flip with
-    probability 0.5, normalise -> (3, S, S); every random draw comes from ``rng``."""
+def train_transform(image: Image.Image, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The official linear-probe training augmentation: random-resized crop (scale 0.08-1, bicubic), horizontal flip
+    with probability 0.5, normalise -> (3, S, S); every random draw comes from ``generator``."""
     from torchvision.transforms.v2 import functional as TF
 
-    top, left, h, w = random_resized_crop_box(image.width, image.height, rng)
+    from dinov2.data.augment import sample_crop_box
+
+    top, left, h, w = sample_crop_box(image.height, image.width, (0.08, 1.0), generator)
     image = TF.resized_crop(image, top, left, h, w, [image_size, image_size],
                             interpolation=TF.InterpolationMode.BICUBIC)
-    if rng.random() < 0.5:
+    if float(torch.rand((), generator=generator)) < 0.5:
         image = TF.horizontal_flip(image)
     tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
@@ -293,6 +270,7 @@ class DecodedImages(torch.utils.data.Dataset):
                 rgb = image.convert("RGB")
                 if self.augment_seed is None:
                     return eval_transform(rgb, self.image_size), True
-                return train_transform(rgb, self.image_size, random.Random(f"{self.augment_seed}:{i}")), True
+                generator = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
+                return train_transform(rgb, self.image_size, generator), True
         except (OSError, ValueError, Image.DecompressionBombError):
             return torch.zeros(3, self.image_size, self.image_size), False
