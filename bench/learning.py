@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.config import load_config  # noqa: E402
 from dinov2.distributed import DistEnv  # noqa: E402
-from dinov2.eval.datasets import open_labelled  # noqa: E402
-from dinov2.eval.knn import extract_cls_features, knn_predict  # noqa: E402
+from dinov2.eval.knn import evaluate_knn  # noqa: E402
 from dinov2.metrics import setup_logging  # noqa: E402
 from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
 from dinov2.train import train  # noqa: E402
@@ -119,17 +118,6 @@ def write_photos(root: Path) -> int:
     return len(photos)
 
 
-def knn_correct(backbone: torch.nn.Module, root: Path, ks: tuple[int, ...] = (10, 20)) -> dict[str, np.ndarray]:
-    """Per val image, whether the official weighted kNN (T = 0.07) on the CLS features classifies it right."""
-    train = open_labelled(root / "knn_train")
-    val = open_labelled(root / "knn_val", classes=train.classes)
-    train_feats, train_ok = extract_cls_features(backbone, train, IMAGE_PX)
-    val_feats, val_ok = extract_cls_features(backbone, val, IMAGE_PX)
-    predictions = knn_predict(train_feats[train_ok], train.labels[train_ok], val_feats[val_ok], ks,
-                              n_classes=len(train.classes))
-    return {str(k): (p == val.labels[val_ok]).numpy() for k, p in predictions.items()}
-
-
 def mcnemar_p(wins: int, losses: int) -> float:
     """Exact two-sided McNemar p-value: the chance of a split at least this uneven of the wins + losses images
     that only one of the two models gets right, if both models were equally good."""
@@ -183,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(root / "run", True, 0)
         torch.manual_seed(cfg.train.seed)
         random_backbone = StudentTeacher(cfg).teacher["backbone"]
-        correct_before = knn_correct(random_backbone, root)
+        knn = (root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20))
+        correct_before = evaluate_knn(random_backbone, *knn, per_image=True)["correct"]
         t_train = time.perf_counter()
         summary = train(cfg, DistEnv(), resume=False)
         train_s = time.perf_counter() - t_train
@@ -191,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                            weights_only=True)
         trained = StudentTeacher(cfg)
         trained.load_state_dict(state["model"])
-        correct_after = knn_correct(trained.teacher["backbone"], root)
+        correct_after = evaluate_knn(trained.teacher["backbone"], *knn, per_image=True)["correct"]
         records = [json.loads(line) for line in (root / "run" / "training_metrics.json").read_text().splitlines()]
         entropies = [r["dino_teacher_entropy"] for r in records if "dino_teacher_entropy" in r]
         total_s = time.perf_counter() - start

@@ -113,23 +113,33 @@ def evaluate_knn(
     temperature: float = 0.07,
     batch_size: int = 64,
     num_workers: int = 0,
+    per_image: bool = False,
 ) -> dict:
-    """kNN top-1 of ``model`` (a backbone) on two labelled datasets (class folders or ``.cls`` shards)."""
+    """kNN top-1 of ``model`` (a backbone) on two labelled datasets (class folders or ``.cls`` shards).
+
+    With ``per_image``, the result also holds ``correct``: per k, a (n_val,) bool array over the readable val
+    images, for paired comparisons of two models.
+    """
     train = open_labelled(train_dataset)
     val = open_labelled(val_dataset, classes=train.classes)
     train_feats, train_ok = extract_cls_features(model, train, image_size, batch_size, num_workers)
     val_feats, val_ok = extract_cls_features(model, val, image_size, batch_size, num_workers)
-    top1 = knn_classify(
-        train_feats[train_ok], train.labels[train_ok], val_feats[val_ok], val.labels[val_ok], ks, temperature
-    )
-    return {
-        "top1": {str(k): v for k, v in top1.items()},
+    val_labels = val.labels[val_ok]
+    n_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    predictions = knn_predict(train_feats[train_ok], train.labels[train_ok], val_feats[val_ok], ks, temperature,
+                              n_classes=n_classes)
+    correct = {str(k): (p == val_labels).numpy() for k, p in predictions.items()}
+    results = {
+        "top1": {k: 100.0 * float(c.sum()) / len(c) for k, c in correct.items()},
         "n_train": int(train_ok.sum()),
         "n_val": int(val_ok.sum()),
         "skipped_unreadable": int((~train_ok).sum() + (~val_ok).sum()),
         "temperature": temperature,
         "image_size": image_size,
     }
+    if per_image:
+        results["correct"] = correct
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

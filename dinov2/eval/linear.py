@@ -235,7 +235,7 @@ def run_linear_eval(
         return _features(model, train, *feature_args, augment_seed=view_seed(epoch))[0]
 
     train_feats, train_labels = _features(model, train, *feature_args, augment_seed=view_seed(0) if augment else None)
-    val_feats, val_labels = _features(model, val, image_size, n_feature_blocks, feature_batch_size, num_workers)
+    val_feats, val_labels = _features(model, val, *feature_args)
     n_classes = max(len(train.classes), int(train.labels.max()) + 1)
     logger.info("training %d linear heads on %d cached train features", len(grid), len(train_labels))
     torch.manual_seed(seed)
@@ -266,7 +266,7 @@ def run_linear_eval(
     # Selection is final and on disk; only now is the test split opened, for the single chosen head.
     if test_dataset is not None:
         test = open_labelled(test_dataset, classes=train.classes)
-        test_feats, test_labels = _features(model, test, image_size, n_feature_blocks, feature_batch_size, num_workers)
+        test_feats, test_labels = _features(model, test, *feature_args)
         device = test_labels.device
         results["test_accuracy"] = head_accuracy(head.to(device), test_feats, test_labels, chosen)
         results["n_test"] = int(test_labels.shape[0])
