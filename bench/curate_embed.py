@@ -21,9 +21,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from data_pipeline.config import CurateConfig
-from data_pipeline.embed import embed_chunks
-from data_pipeline.embedders import build_embedder
+from data_pipeline.core.config import CurateConfig
+from data_pipeline.embed.embed import embed_chunks
+from data_pipeline.embed.embedders import build_embedder
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 

@@ -17,9 +17,9 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from data_pipeline.config import CurateConfig, HashConfig
-from data_pipeline.dedup import near_pairs
-from data_pipeline.phash import hash_images
+from data_pipeline.core.config import CurateConfig, HashConfig
+from data_pipeline.dedup.near_dedup import near_pairs
+from data_pipeline.dedup.phash import hash_images
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 

@@ -1,9 +1,9 @@
 """Benchmark: spherical k-means and kNN (IVF vs exact flat) at pool scale, on random-but-clustered vectors.
 
 Data: `--n` x `--d` float16 unit vectors around `n/100` gaussian centres (the stored pool format).
-(a) spherical k-means (data_pipeline.kmeans) with `n/100` clusters, `--iterations` Lloyd iterations: seeding time,
-    time per iteration, the final whole-pool assignment, objective.
-(b) kNN k=64 (data_pipeline.knn): IVF build + search at several nprobe vs exact flat search on `--queries` fresh
+(a) spherical k-means (data_pipeline.cluster.kmeans) with `n/100` clusters, `--iterations` Lloyd iterations:
+    seeding time, time per iteration, the final whole-pool assignment, objective.
+(b) kNN k=64 (data_pipeline.core.knn): IVF build + search at several nprobe vs exact flat search on `--queries` fresh
     queries from the same distribution; recall@k against the exact result.
 
 Usage:
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.kmeans import Checkpointer, assign, set_threads, spherical_kmeans
-from data_pipeline.knn import KnnParams, Searcher, exact_search
+from data_pipeline.cluster.kmeans import Checkpointer, assign, set_threads, spherical_kmeans
+from data_pipeline.core.knn import KnnParams, Searcher, exact_search
 
 
 def make_data(n: int, d: int, centres: int, noise: float, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

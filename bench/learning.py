@@ -43,11 +43,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.config import load_config  # noqa: E402
-from dinov2.distributed import DistEnv  # noqa: E402
+from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
-from dinov2.metrics import setup_logging  # noqa: E402
 from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
-from dinov2.train import train  # noqa: E402
+from dinov2.train.metrics import setup_logging  # noqa: E402
+from dinov2.train.train import train  # noqa: E402
 
 TUX_ROOT = Path("/usr/share/tuxpaint/stamps")
 IMAGE_PX = 64

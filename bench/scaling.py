@@ -5,7 +5,7 @@ Usage:
     python bench/scaling.py --iters 12 --batch 8
     python bench/scaling.py --gpu              # one GPU: ViT-S/14, none + bf16 autocast vs FSDP2 bf16 (one-rank group)
 
-Every row is a real ``dinov2.train.train`` run (loader, augmentation, losses, clipping, EMA, no checkpoint inside the
+Every row is a real ``train()`` run (loader, augmentation, losses, clipping, EMA, no checkpoint inside the
 timed window) on a synthetic JPEG folder, in fresh processes joined through a TCP store like torchrun. Throughput is
 ``batch_size_per_gpu / median(iter_time)`` over the iterations after ``--warmup``; ``data`` is the share of the step
 spent waiting for the loader. On a CPU machine the processes share its cores, so the world-2 rows show the cost of
@@ -33,8 +33,8 @@ WORKER = """
 import json, sys
 import torch.distributed as dist
 from dinov2.config import load_config
-from dinov2.distributed import DistEnv, destroy, init_distributed
-from dinov2.train import train
+from dinov2.distributed.env import DistEnv, destroy, init_distributed
+from dinov2.train.train import train
 
 env = init_distributed(DistEnv.from_environment())
 cfg = load_config(None, json.loads(sys.argv[1]))

@@ -5,10 +5,10 @@ Usage:
     python bench/train_step.py --quick      # 2-block ViT-S, 4096 prototypes, batch 2: a smoke run
     python bench/train_step.py --batch 8 --iters 5
 
-A step is what ``dinov2.train`` does per iteration, minus data loading: teacher forward on the global crops, student
+A step is what ``train()`` does per iteration, minus data loading: teacher forward on the global crops, student
 forward on all crops (packed multi-crop), DINO + iBOT + KoLeo losses, backward, per-submodule gradient clipping,
 AdamW step and the EMA teacher update. The batch comes from the real collate (iBOT masks included). FLOPs per image
-come from the training log's own counter (``dinov2.train.flops_per_image``: fvcore, attention included):
+come from the training log's own counter (``dinov2.train.train.flops_per_image``: fvcore, attention included):
 3 x student forward (forward + backward) + teacher forward. The matmul peak is measured beside it, in the same
 run and precision, so "fraction of peak" compares like with like. Results are printed, never asserted.
 """
@@ -33,8 +33,8 @@ from dinov2.config import load_config  # noqa: E402
 from dinov2.data.collate import collate_crops  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
-from dinov2.optim import apply_schedules, build_optimizer, build_param_groups  # noqa: E402
-from dinov2.train import flops_per_image  # noqa: E402
+from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups  # noqa: E402
+from dinov2.train.train import flops_per_image  # noqa: E402
 
 
 def bench_config(quick: bool, batch: int):

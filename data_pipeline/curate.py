@@ -6,27 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline import (
-    artifacts,
-    cluster,
-    copy_dedup,
-    decode,
-    decontaminate,
-    dedup,
-    embed,
-    exact,
-    phash,
-    report,
-    retrieve,
-    shards,
-    sources,
-)
-from data_pipeline.config import CurateConfig, config_to_yaml, describe_keys, load_config
-from data_pipeline.stage import Stage, StageContext, StageResult, run_stage
+from data_pipeline.cluster import cluster, retrieve
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import CurateConfig, config_to_yaml, describe_keys, load_config
+from data_pipeline.core.stage import Stage, StageContext, StageResult, run_stage
+from data_pipeline.dedup import copy_dedup, decontaminate, exact, near_dedup, phash
+from data_pipeline.embed import embed
+from data_pipeline.ingest import decode, ingest
+from data_pipeline.output import report, shards
 
 # The pipeline is this list, in data-flow order: each stage reads the artifacts of stages to its left.
 STAGES: list[Stage] = [
-    sources.STAGE, decode.STAGE, exact.STAGE, phash.STAGE, dedup.STAGE,  # hash-level dedup (no models)
+    ingest.STAGE, decode.STAGE, exact.STAGE, phash.STAGE, near_dedup.STAGE,  # hash-level dedup (no models)
     embed.COPY_STAGE, copy_dedup.STAGE, decontaminate.STAGE,  # copy-detection dedup, evaluation decontamination
     embed.SSL_STAGE, cluster.STAGE, retrieve.STAGE,  # self-supervised retrieval
     shards.STAGE, report.STAGE,  # outputs

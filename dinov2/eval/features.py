@@ -1,4 +1,4 @@
-"""Frozen-backbone features of a dataset, shared by the linear probe, kNN and ``python -m dinov2.extract``.
+"""Frozen-backbone features of a dataset, shared by the linear probe, kNN and ``python -m dinov2.eval.extract``.
 
 Kinds (all from the final LayerNorm, as ``forward_features`` / ``get_intermediate_layers(norm=True)``):
   - ``cls``: (n, D) class token of the last block (``x_norm_clstoken``);

@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from data_pipeline import artifacts, cluster, retrieve
-from data_pipeline.config import ClusterConfig, CurateConfig, RetrieveConfig, SeedSetConfig, load_config
-from data_pipeline.kmeans import (
+from data_pipeline.cluster import cluster, retrieve
+from data_pipeline.cluster.kmeans import (
     Checkpointer,
     assign,
     balanced_sample,
@@ -29,7 +28,9 @@ from data_pipeline.kmeans import (
     spherical_kmeans,
     water_fill,
 )
-from data_pipeline.stage import StageContext, run_stage
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import ClusterConfig, CurateConfig, RetrieveConfig, SeedSetConfig, load_config
+from data_pipeline.core.stage import StageContext, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,14 +212,15 @@ import sys
 import time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from data_pipeline import cluster, kmeans
+from data_pipeline.cluster import cluster
+from data_pipeline.cluster import kmeans
 _save = kmeans.Checkpointer.save
 def slow_save(self, *args):
     _save(self, *args)
     time.sleep(0.05)
 kmeans.Checkpointer.save = slow_save
-from data_pipeline.config import ClusterConfig, load_config
-from data_pipeline.stage import StageContext, run_stage
+from data_pipeline.core.config import ClusterConfig, load_config
+from data_pipeline.core.stage import StageContext, run_stage
 cfg = load_config()
 cfg.cluster = ClusterConfig(**{kw!r})
 run_stage(cluster.STAGE, StageContext(cfg, Path({root!r})))

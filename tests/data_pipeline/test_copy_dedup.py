@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_pipeline import artifacts
-from data_pipeline.config import load_config
-from data_pipeline.copy_dedup import STAGE as COPY_STAGE
-from data_pipeline.copy_dedup import self_pairs
-from data_pipeline.decontaminate import STAGE as DECON_STAGE
-from data_pipeline.knn import KnnParams, Searcher, exact_search, knn_search, knn_self, measure_recall
-from data_pipeline.stage import StageContext, run_stage
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import load_config
+from data_pipeline.core.knn import KnnParams, Searcher, exact_search, knn_search, knn_self, measure_recall
+from data_pipeline.core.stage import StageContext, run_stage
+from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
+from data_pipeline.dedup.copy_dedup import self_pairs
+from data_pipeline.dedup.decontaminate import STAGE as DECON_STAGE
 
 D = 128  # random unit vectors in 128-d have |cos| < ~0.4, so only planted pairs cross 0.45
 

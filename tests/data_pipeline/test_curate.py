@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.config import load_config
+from data_pipeline.core.config import load_config
 from data_pipeline.curate import STAGE_NAMES, curate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from data_pipeline.config import load_config
+from data_pipeline.core.config import load_config
 from data_pipeline.curate import STAGE_NAMES, curate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,8 +102,8 @@ def test_shards_hold_exactly_the_selection(full_setup):
 def test_trainer_trains_on_the_shards(full_setup, tmp_path):
     _, _, _, out, _, _ = full_setup
     from dinov2.config import load_config as load_train_config
-    from dinov2.distributed import DistEnv
-    from dinov2.train import train
+    from dinov2.distributed.env import DistEnv
+    from dinov2.train.train import train
 
     pattern = json.loads((out / "shards" / "index.json").read_text())["pattern"]
     cfg = load_train_config(None, [

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.config import load_config
+from data_pipeline.core.config import load_config
+from data_pipeline.core.executors import slurm_parameters
 from data_pipeline.curate import curate
-from data_pipeline.distribute import slurm_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "curate" / "tiny.yaml"

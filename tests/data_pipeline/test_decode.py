@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.config import DecodeConfig
-from data_pipeline.decode import DecodeReject, decode_rgb, to_rgb
-from data_pipeline.sources import list_source
+from data_pipeline.core.config import DecodeConfig
+from data_pipeline.ingest.decode import DecodeReject, decode_rgb, to_rgb
+from data_pipeline.ingest.ingest import list_source
 
 CFG = DecodeConfig(min_size=16)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.config import HashConfig
-from data_pipeline.dedup import near_pairs
-from data_pipeline.groups import connected_labels, pick_representatives
+from data_pipeline.core.config import HashConfig
+from data_pipeline.dedup.groups import connected_labels, pick_representatives
+from data_pipeline.dedup.near_dedup import near_pairs
 
 
 def _brute_pairs(h: np.ndarray, t: int) -> set[tuple[int, int]]:

@@ -41,8 +41,8 @@ DRIVER = textwrap.dedent(
     from pathlib import Path
     import pyarrow as pa, pyarrow.parquet as pq
     import crashmod
-    from data_pipeline.config import CurateConfig
-    from data_pipeline.distribute import LocalExecutor, ShardTask
+    from data_pipeline.core.config import CurateConfig
+    from data_pipeline.core.executors import LocalExecutor, ShardTask
 
     if __name__ == "__main__":
         out, shards = Path(sys.argv[1]), json.loads(sys.argv[2])

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline import artifacts
-from data_pipeline.config import CurateConfig, SeedSetConfig, config_to_yaml
-from data_pipeline.embed import COPY_STAGE, KILL_AFTER_CHUNKS_ENV, SSL_STAGE, load_embeddings, make_plan
-from data_pipeline.embedders import ResizeCenterCrop, ShortEdgeResize, build_embedder
-from data_pipeline.stage import StageContext, run_stage
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import CurateConfig, SeedSetConfig, config_to_yaml
+from data_pipeline.core.stage import StageContext, run_stage
+from data_pipeline.embed.embed import COPY_STAGE, KILL_AFTER_CHUNKS_ENV, SSL_STAGE, load_embeddings, make_plan
+from data_pipeline.embed.embedders import ResizeCenterCrop, ShortEdgeResize, build_embedder
 
 REPO = Path(__file__).resolve().parents[2]
 POOL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "clock")
@@ -179,8 +179,9 @@ def test_kill_and_resume_gives_identical_outputs(tmp_path, corpus, copy_model_pa
     out = tmp_path / "c"
     ctx = make_ctx(out, corpus, copy_model=copy_model_path)
     script = (
-        "import sys; from pathlib import Path; from data_pipeline.config import load_config;"
-        "from data_pipeline.embed import COPY_STAGE; from data_pipeline.stage import StageContext, run_stage;"
+        "import sys; from pathlib import Path; from data_pipeline.core.config import load_config;"
+        "from data_pipeline.embed.embed import COPY_STAGE;"
+        "from data_pipeline.core.stage import StageContext, run_stage;"
         "run_stage(COPY_STAGE, StageContext(load_config(sys.argv[1]), Path(sys.argv[2])))"
     )
     cfg_yaml = tmp_path / "c.yaml"

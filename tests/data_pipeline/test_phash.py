@@ -6,8 +6,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from data_pipeline.config import CurateConfig, DecodeConfig
-from data_pipeline.phash import gray_thumbnail, hash_images, is_degenerate, pack_bits, phash_batch
+from data_pipeline.core.config import CurateConfig, DecodeConfig
+from data_pipeline.dedup.phash import gray_thumbnail, hash_images, is_degenerate, pack_bits, phash_batch
 
 
 def test_phash_batch_bit_identical_to_imagehash(imgtools):

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from data_pipeline import artifacts, report, shards
-from data_pipeline.config import load_config
-from data_pipeline.stage import StageContext, run_stage
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import load_config
+from data_pipeline.core.stage import StageContext, run_stage
+from data_pipeline.output import report, shards
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "clock", "retina")
 FORMATS = ("PNG", "JPEG", "WEBP")

@@ -9,8 +9,8 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.config import CurateConfig
-from data_pipeline.sources import MANIFEST_SCHEMA, hash_shard, list_source, stable_id
+from data_pipeline.core.config import CurateConfig
+from data_pipeline.ingest.ingest import MANIFEST_SCHEMA, hash_shard, list_source, stable_id
 
 
 def test_folder_listing_recursive_sorted_and_stable(planted_src, tmp_path):

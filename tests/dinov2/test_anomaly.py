@@ -2,7 +2,7 @@
 
 import pytest
 
-from dinov2.anomaly import LossSpikeDetector
+from dinov2.train.anomaly import LossSpikeDetector
 
 
 def test_spike_against_noisy_history():

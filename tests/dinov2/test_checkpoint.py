@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.checkpoint import (
+from dinov2.train.checkpoint import (
     capture_rng_state,
     list_valid_checkpoints,
     load_latest_checkpoint,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dinov2.config import load_config
-from dinov2.distributed import DistEnv
+from dinov2.distributed.env import DistEnv
 from dinov2.layers.attention import resolve_backend
 from dinov2.models.vision_transformer import DinoVisionTransformer
-from dinov2.train import train
+from dinov2.train.train import train
 
 pytestmark = pytest.mark.gpu
 

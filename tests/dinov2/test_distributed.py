@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinov2.distributed import (
+from dinov2.distributed.env import (
     DistEnv,
     all_reduce_max,
     all_reduce_min,

@@ -300,7 +300,7 @@ def test_val_fraction_split_is_seeded_and_disjoint(data):
 
 
 def test_extract_npy_shapes_ids_and_order(backbone_file, data, tmp_path):
-    from dinov2 import extract
+    from dinov2.eval import extract
 
     folder = data["root"] / "extract_in"
     _write_folder(folder, per_class=2, seed=5)
@@ -326,7 +326,7 @@ def test_extract_npy_shapes_ids_and_order(backbone_file, data, tmp_path):
 
 
 def test_extract_parquet_shards_match_npy(backbone_file, data, tmp_path):
-    from dinov2 import extract
+    from dinov2.eval import extract
 
     base = ["--weights", str(backbone_file), "--data", str(data["test_shard"]), "--features", "cls,registers",
             "--image-size", str(IMAGE_SIZE)]  # fmt: skip
@@ -347,7 +347,7 @@ def test_extract_parquet_shards_match_npy(backbone_file, data, tmp_path):
 
 
 def test_visualize_writes_grids(backbone_file, data, tmp_path):
-    from dinov2 import visualize
+    from dinov2.eval import visualize
 
     images = [str(data["train"] / "red" / "red_00.png"), str(data["val"] / "blue" / "blue_01.png")]
     args = ["--weights", str(backbone_file), "--images", *images, "--output-dir", str(tmp_path),
@@ -363,7 +363,7 @@ def test_visualize_writes_grids(backbone_file, data, tmp_path):
 
 
 def test_visualize_rejects_size_not_multiple_of_patch(backbone_file, data, tmp_path, capsys):
-    from dinov2 import visualize
+    from dinov2.eval import visualize
 
     args = ["--weights", str(backbone_file), "--images", str(data["train"] / "red" / "red_00.png"),
             "--output-dir", str(tmp_path), "--image-size", "50"]  # fmt: skip
@@ -374,7 +374,7 @@ def test_visualize_rejects_size_not_multiple_of_patch(backbone_file, data, tmp_p
 
 
 def test_threshold_mass_keeps_top_patches():
-    from dinov2.visualize import threshold_mass
+    from dinov2.eval.visualize import threshold_mass
 
     attention = torch.tensor([[0.1, 0.5, 0.1, 0.3], [0.25, 0.25, 0.25, 0.25]])
     kept = threshold_mass(attention, 0.6)
@@ -383,7 +383,7 @@ def test_threshold_mass_keeps_top_patches():
 
 
 def test_pca_mask_separates_object_from_background():
-    from dinov2.visualize import pca_rgb
+    from dinov2.eval.visualize import pca_rgb
 
     g = torch.Generator().manual_seed(0)
     tokens = 0.05 * torch.randn(8, 8, 16, generator=g)

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.checkpoint import (
+from dinov2.config import load_config
+from dinov2.distributed.env import DistEnv
+from dinov2.models.student_teacher import StudentTeacher
+from dinov2.train.checkpoint import (
     COMMIT_MARKER,
     capture_rng_state,
     list_valid_checkpoints,
@@ -29,11 +32,9 @@ from dinov2.checkpoint import (
     read_checkpoint,
     save_sharded_checkpoint,
 )
-from dinov2.config import load_config
-from dinov2.distributed import DistEnv
-from dinov2.models.student_teacher import StudentTeacher
-from dinov2.optim import build_optimizer, build_param_groups
-from dinov2.train import restore_training_state, train
+from dinov2.train.optim import build_optimizer, build_param_groups
+from dinov2.train.state import restore_training_state
+from dinov2.train.train import train
 from dinov2.weights import load_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,8 +68,8 @@ def _free_port() -> int:
 WORKER = """
 import json, sys
 from dinov2.config import load_config
-from dinov2.distributed import DistEnv, destroy, init_distributed
-from dinov2.train import train
+from dinov2.distributed.env import DistEnv, destroy, init_distributed
+from dinov2.train.train import train
 
 env = init_distributed(DistEnv.from_environment())
 for overrides in json.loads(sys.argv[1]):

@@ -11,10 +11,10 @@ from PIL import Image
 
 from dinov2.config import ConfigError, load_config
 from dinov2.data import build_train_loader
-from dinov2.distributed import DistEnv
-from dinov2.highres import init_phase_from
+from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
-from dinov2.train import train
+from dinov2.train.highres import init_phase_from
+from dinov2.train.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,7 +167,7 @@ def test_highres518_config_is_the_paper_phase():
 def test_sharded_checkpoint_is_read_without_its_optimizer(low_res_run, tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from dinov2.highres import read_model_state, resolve_init_source
+    from dinov2.train.highres import read_model_state, resolve_init_source
 
     saved = torch.load(low_res_run / "checkpoints" / "iter_0000002" / "state.pth", weights_only=True)
     folder = tmp_path / "checkpoints" / "iter_0000005"  # the DCP layout a multi-rank run writes

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dinov2.metrics import MetricLogger
+from dinov2.train.metrics import MetricLogger
 
 
 def test_json_lines_hold_exact_values_per_log_period(tmp_path):
@@ -35,7 +35,7 @@ def test_tensorboard_scalars(tmp_path):
 
 
 def test_progress_bar_on_request_and_log_lines_still_written(tmp_path, capsys):
-    from dinov2.metrics import setup_logging
+    from dinov2.train.metrics import setup_logging
 
     setup_logging(tmp_path, is_main=True, rank=0)
     log = MetricLogger(tmp_path, period=2, max_iter=6, enabled=True, progress=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
-from dinov2.distributed import DistEnv
+from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
 
 STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9

@@ -5,7 +5,7 @@ import torch
 
 from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
-from dinov2.optim import apply_schedules, build_optimizer, build_param_groups, param_group_key
+from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups, param_group_key
 
 
 def _multipliers(backbone, head):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dinov2.config import load_config
-from dinov2.schedules import CosineSchedule, build_schedules
+from dinov2.train.schedules import CosineSchedule, build_schedules
 
 
 def official_cosine_array(base, final, total, warmup=0, start_warmup=0.0, freeze=0):

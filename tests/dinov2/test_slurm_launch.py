@@ -1,9 +1,9 @@
-"""launch.py: cluster YAML + flags -> submitit parameters; on the real cluster: a 2-task gloo job, preemption with a
-checkpoint and requeue, the requeue limit, and a bad partition refused before anything is submitted."""
+"""dinov2.run (slurm, submit, cli): cluster YAML + flags -> submitit parameters; on the real cluster: a 2-task
+gloo job, preemption with a checkpoint and requeue, the requeue limit, and a bad partition refused before anything
+is submitted."""
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import subprocess
 import sys
@@ -13,32 +13,20 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from dinov2.launch import (
-    ClusterConfig,
-    TrainingJob,
-    add_cluster_arguments,
-    cluster_config_from_args,
-    executor_parameters,
-    load_cluster_config,
-    strip_cluster_arguments,
-    submit,
-    submit_training,
-    wants_cluster,
-)
+from dinov2.run.cli import build_parser
+from dinov2.run.job import TrainRequest
+from dinov2.run.slurm import ClusterConfig, executor_parameters, load_cluster_config, submit
+from dinov2.run.submit import TrainingJob, cluster_config_from_args, submit_training, wants_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The job functions below live in a test module that the job's interpreter cannot import by name.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()  # the parts of dinov2.train's parser that launch relies on
-    parser.add_argument("--config-file", default="")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("opts", nargs="*")
-    add_cluster_arguments(parser)
-    return parser
+def _submit(argv: list[str]) -> int:
+    """What ``python -m dinov2.train ARGV`` does once it has decided to submit."""
+    args = build_parser().parse_args(argv)
+    return submit_training(TrainRequest(args.config_file, args.output_dir, tuple(args.opts), not args.no_resume), args)
 
 
 def test_shipped_slurm_yamls_load() -> None:
@@ -79,31 +67,36 @@ def test_cpu_job_takes_explicit_tasks_per_node() -> None:
     assert "gpus_per_node" not in executor_parameters(ClusterConfig(tasks_per_node=2))
 
 
-def test_cli_flags_parse_and_are_stripped_for_the_job() -> None:
+def test_cli_flags_parse_into_cluster_settings_and_a_request_without_them() -> None:
     argv = ["--config-file", "c.yaml", "--nodes", "2", "--gpus=4", "--output-dir", "out", "--partition", "p",
             "--slurm-param", "exclude=n1", "--timeout", "90", "--no-resume", "train.x=1"]
-    args, unknown = _parser().parse_known_args(argv)
-    assert not unknown and wants_cluster(args)
+    args = build_parser().parse_args(argv)
+    assert wants_cluster(args)
     cfg = cluster_config_from_args(args)
     assert (cfg.nodes, cfg.gpus_per_node, cfg.partition, cfg.timeout_min) == (2, 4, "p", 90)
     assert cfg.additional_parameters == {"exclude": "n1"}
-    job_argv = strip_cluster_arguments(argv)
-    assert job_argv == ["--config-file", "c.yaml", "--output-dir", "out", "--no-resume", "train.x=1"]
-    assert not wants_cluster(_parser().parse_args(job_argv))
-    assert strip_cluster_arguments(["--output-dir", "o", "--part", "p", "--nnodes=3"]) == ["--output-dir", "o"]
+    assert (args.config_file, args.output_dir, args.opts, args.no_resume) == ("c.yaml", "out", ["train.x=1"], True)
+    assert not wants_cluster(build_parser().parse_args(["--output-dir", "o"]))
+
+
+def test_request_takes_the_job_id() -> None:
+    request = TrainRequest("c.yaml", "runs/%j", ("train.output_tag=%j",)).for_job("77")
+    assert request.output_dir == "runs/77" and request.opts == ("train.output_tag=77",)
+    assert TrainRequest("c", "runs/%j").for_job("").output_dir == "runs/%j"
 
 
 def test_training_job_pickles_and_checkpoint_resubmits_itself() -> None:
-    job = pickle.loads(pickle.dumps(TrainingJob(["--output-dir", "o"])))
+    request = TrainRequest("", "o")
+    job = pickle.loads(pickle.dumps(TrainingJob(request)))
     delayed = job.checkpoint()
     assert isinstance(delayed.function, TrainingJob) and delayed.function is not job
-    assert delayed.function.argv == ["--output-dir", "o"] and delayed.args == ()
+    assert delayed.function.request == request and delayed.args == ()
 
 
 # --- on the real single-node cluster ---
 
 def _gloo_job() -> dict:
-    from dinov2.distributed import DistEnv, all_reduce_sum, destroy, init_distributed
+    from dinov2.distributed.env import DistEnv, all_reduce_sum, destroy, init_distributed
 
     env = init_distributed(DistEnv.from_environment())
     total = all_reduce_sum(env.rank + 1, env)
@@ -116,8 +109,8 @@ def _counting_job(work_dir: str, total: int, max_requeues: int) -> dict:
     import json
     import os
 
-    from dinov2.distributed import DistEnv, destroy, init_distributed
-    from dinov2.preemption import PreemptionHandler
+    from dinov2.distributed.env import DistEnv, destroy, init_distributed
+    from dinov2.run.preemption import PreemptionHandler
 
     env = init_distributed(DistEnv.from_environment())
     handler = PreemptionHandler(max_requeues=max_requeues).install()
@@ -191,28 +184,27 @@ def test_bad_partition_is_refused_before_submitting(slurm_cluster, tmp_path: Pat
     with pytest.raises(ValueError, match="'no-such-partition' does not exist.*debug"):
         submit(_gloo_job, (), ClusterConfig(partition="no-such-partition"), tmp_path / "logs")
     assert not (tmp_path / "logs").exists()
-    argv = ["--output-dir", str(tmp_path / "run"), "--partition", "no-such-partition"]
-    assert submit_training(_parser().parse_args(argv), argv) == 2
+    assert _submit(["--output-dir", str(tmp_path / "run"), "--partition", "no-such-partition"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no-such-partition" in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slurm
-def test_submit_training_submits_the_job_without_cluster_flags(slurm_cluster, tmp_path: Path, capsys) -> None:
+def test_submit_training_submits_the_request_without_cluster_flags(slurm_cluster, tmp_path: Path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_text("train: {}\n")
     out = tmp_path / "run"
     argv = ["--config-file", str(config), "--output-dir", str(out), "--partition", slurm_cluster.partition,
             "--tasks-per-node", "1", "--timeout-min", "2", "train.max_iter=3"]
     missing = ["--config-file", str(tmp_path / "nope.yaml")] + argv[2:]
-    assert submit_training(_parser().parse_args(missing), missing) == 2
+    assert _submit(missing) == 2
     assert "config file not found" in capsys.readouterr().err
-    assert submit_training(_parser().parse_args(argv), argv) == 0
+    assert _submit(argv) == 0
     printed = capsys.readouterr().out
     job_id = printed.split("submitted SLURM job ")[1].split(":")[0]
     subprocess.run(["scancel", job_id], check=False)  # only the submission is under test, not the trainer
     assert f"{out}/slurm/{job_id}/{job_id}_0_log.out" in printed
     submitted = cloudpickle.loads((out / "slurm" / job_id / f"{job_id}_submitted.pkl").read_bytes())
     assert isinstance(submitted.function, TrainingJob)
-    assert submitted.function.argv == ["--config-file", str(config), "--output-dir", str(out), "train.max_iter=3"]
+    assert submitted.function.request == TrainRequest(str(config), str(out), ("train.max_iter=3",))

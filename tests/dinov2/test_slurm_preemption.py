@@ -10,8 +10,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from dinov2.distributed import DistEnv, destroy, init_distributed
-from dinov2.preemption import PreemptionHandler, RequeueLimitError, default_signal
+from dinov2.distributed.env import DistEnv, destroy, init_distributed
+from dinov2.run.preemption import PreemptionHandler, RequeueLimitError, default_signal
 
 
 def test_signal_sets_flag_and_uninstall_restores_previous_handler() -> None:

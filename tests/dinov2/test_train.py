@@ -12,9 +12,9 @@ import torch
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
-from dinov2.distributed import DistEnv
+from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
-from dinov2.train import NonFiniteLossError, train
+from dinov2.train.train import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,246 @@
+"""Executors that map per-shard functions: a local process pool, or a SLURM job array through submitit.
+
+Both share one signature, `run(tasks, desc) -> failed shard ids`, and the same worker code, so their outputs are
+byte-identical. A worker that dies or hangs never takes a stage down: its shard is re-run alone, then item by item,
+and the culprit item gets a reject reason instead of a result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import resource
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from data_pipeline.core import artifacts
+from data_pipeline.core.config import CurateConfig
+
+# Test hook: seconds each shard sleeps before its part is written (lets the kill-and-resume test land mid-stage).
+SLEEP_ENV = "DATA_PIPELINE_SHARD_SLEEP_S"
+
+
+@dataclass
+class ShardTask:
+    """One shard of one stage: rows in, one Parquet part out."""
+
+    stage: str
+    shard: int
+    map_shard: Callable[[CurateConfig, pa.Table], pa.Table]
+    reject_item: Callable[[pa.Table, str], pa.Table] | None
+    cfg: CurateConfig
+    rows: pa.Table
+    out_path: str
+
+
+def init_worker(memory_mb: int) -> None:
+    """Pool initializer: cap the worker's address space and keep numeric libraries single-threaded."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def compute_rows(task: ShardTask) -> pa.Table:
+    """Worker body: the stage's per-shard function on the task's rows."""
+    return task.map_shard(task.cfg, task.rows)
+
+
+def execute_task(task: ShardTask) -> int:
+    """Worker body: compute and atomically write one part; returns the number of rows."""
+    table = compute_rows(task)
+    delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    artifacts.write_parquet_atomic(Path(task.out_path), table)
+    return task.rows.num_rows
+
+
+class LocalExecutor:
+    """Process pool over shards (default: all cores), with per-worker memory caps and crash isolation."""
+
+    def __init__(self, workers: int, memory_mb: int, item_timeout_s: float, max_retries: int) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.memory_mb = memory_mb
+        self.item_timeout_s = item_timeout_s
+        self.max_retries = max_retries
+
+    def _pool(self, n: int) -> cf.ProcessPoolExecutor:
+        # forkserver: workers never inherit OpenMP/faiss state from the parent (libgomp is not fork-safe).
+        ctx = mp.get_context("forkserver")
+        return cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker, initargs=(self.memory_mb,))
+
+    @staticmethod
+    def _kill(pool: cf.ProcessPoolExecutor) -> None:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def _map(self, tasks: list[ShardTask], bar: tqdm) -> tuple[list[ShardTask], list[ShardTask]]:
+        """Run tasks in one pool. Returns (tasks that raised, tasks whose worker died or hung)."""
+        raised, crashed = [], []
+        pool = self._pool(min(self.workers, len(tasks)))
+        futures = {pool.submit(execute_task, t): t for t in tasks}
+        timeout = self.item_timeout_s * max(t.rows.num_rows for t in tasks) + 10
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            if not done:  # nothing finished for a whole shard's time budget: a worker hangs
+                crashed.extend(futures[f] for f in pending)
+                break
+            for f in done:
+                try:
+                    bar.update(f.result())
+                except cf.process.BrokenProcessPool:
+                    crashed.append(futures[f])
+                except Exception:
+                    raised.append(futures[f])
+        self._kill(pool)
+        return raised, crashed
+
+    def _isolate(self, task: ShardTask, bar: tqdm) -> bool:
+        """Re-run a crashing shard item by item in a single worker, replaced whenever it dies or hangs."""
+        if task.reject_item is None:
+            return False
+        pieces, pool, culprits = [], self._pool(1), 0
+        for i in range(task.rows.num_rows):
+            row = task.rows.slice(i, 1)
+            sub = ShardTask(task.stage, task.shard, task.map_shard, task.reject_item, task.cfg, row, task.out_path)
+            try:
+                pieces.append(pool.submit(compute_rows, sub).result(timeout=self.item_timeout_s + 5))
+                continue
+            except cf.TimeoutError:
+                pieces.append(task.reject_item(row, "worker_timeout"))
+                self._kill(pool)
+                pool = self._pool(1)
+            except cf.process.BrokenProcessPool:
+                pieces.append(task.reject_item(row, "worker_crashed"))
+                self._kill(pool)
+                pool = self._pool(1)
+            except Exception as exc:  # the stage's own error handler let something through: keep it as data
+                pieces.append(task.reject_item(row, f"error:{type(exc).__name__}"))
+            culprits += 1
+        self._kill(pool)
+        if culprits == len(pieces) > 1:
+            return False  # every item failing points at the environment, not at hostile files: fail the shard
+        artifacts.write_parquet_atomic(Path(task.out_path), pa.concat_tables(pieces))
+        bar.update(task.rows.num_rows)
+        return True
+
+    def run(self, tasks: list[ShardTask], desc: str = "") -> list[int]:
+        """Run all tasks; returns the shard ids that still failed after `max_retries` retries."""
+        bar = tqdm(total=sum(t.rows.num_rows for t in tasks), desc=desc, unit="img", dynamic_ncols=True)
+        pending = list(tasks)
+        for _ in range(self.max_retries + 1):
+            if not pending:
+                break
+            raised, crashed = self._map(pending, bar)
+            suspects = list(raised)
+            for task in crashed:
+                # Re-run alone first: a crash may have been a neighbour's, reported to every future of the pool.
+                r, c = self._map([task], bar)
+                suspects.extend(r + c)
+            pending = [t for t in suspects if not self._isolate(t, bar)]
+        bar.close()
+        return sorted(t.shard for t in pending)
+
+
+def run_group(tasks: list[ShardTask], workers: int, memory_mb: int, item_timeout_s: float) -> list[int]:
+    """Body of one SLURM array task: a local pool over a group of shards; returns failed shard ids."""
+    return LocalExecutor(workers, memory_mb, item_timeout_s, max_retries=0).run(tasks, desc=f"group{tasks[0].shard}")
+
+
+def slurm_parameters(cfg: CurateConfig) -> dict[str, Any]:
+    """Per-task resources: `executor.slurm_config` YAML if present, else the `executor.slurm_*` keys.
+
+    YAML keys: partition, timeout_min, cpus_per_task, mem_gb, shards_per_task, array_parallelism, and optionally
+    account, qos, constraint. A non-empty `executor.slurm_partition` overrides the YAML's partition.
+    """
+    ex = cfg.executor
+    params = {
+        "partition": ex.slurm_partition,
+        "timeout_min": ex.slurm_timeout_min,
+        "cpus_per_task": ex.slurm_cpus_per_task,
+        "mem_gb": ex.slurm_mem_gb,
+        "shards_per_task": ex.slurm_shards_per_task,
+        "array_parallelism": ex.slurm_array_parallelism,
+        "account": None,
+        "qos": None,
+        "constraint": None,
+    }
+    if ex.slurm_config and Path(ex.slurm_config).is_file():
+        from omegaconf import OmegaConf
+
+        loaded = OmegaConf.to_container(OmegaConf.load(ex.slurm_config))
+        unknown = set(loaded) - set(params)
+        if unknown:
+            raise ValueError(f"{ex.slurm_config}: unknown key(s) {sorted(unknown)}; allowed {sorted(params)}")
+        params.update(loaded)
+        if ex.slurm_partition:
+            params["partition"] = ex.slurm_partition
+    return params
+
+
+class SlurmExecutor:
+    """A submitit job array: one array task per group of shards; failed groups are resubmitted and reported."""
+
+    def __init__(self, cfg: CurateConfig, folder: Path) -> None:
+        self.cfg = cfg
+        self.params = slurm_parameters(cfg)
+        # A fresh folder per submission: reused SLURM job ids must never pick up an older result pickle.
+        self.folder = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+    def _submit(self, groups: list[list[ShardTask]]) -> list:
+        import submitit
+
+        p = self.params
+        ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="slurm")
+        ex.update_parameters(
+            timeout_min=int(p["timeout_min"]),
+            cpus_per_task=int(p["cpus_per_task"]),
+            mem_gb=p["mem_gb"],
+            slurm_array_parallelism=int(p["array_parallelism"]),
+            **{f"slurm_{k}": p[k] for k in ("partition", "account", "qos", "constraint") if p[k]},
+        )
+        d = self.cfg.decode
+        n = len(groups)
+        return ex.map_array(
+            run_group, groups, [int(p["cpus_per_task"])] * n, [d.worker_memory_mb] * n, [d.item_timeout_s] * n
+        )
+
+    def run(self, tasks: list[ShardTask], desc: str = "") -> list[int]:
+        """Submit groups of shards as one array; returns shard ids that failed after retries."""
+        k = max(1, int(self.params["shards_per_task"]))
+        groups = [tasks[i : i + k] for i in range(0, len(tasks), k)]
+        for _ in range(self.cfg.executor.max_retries + 1):
+            if not groups:
+                break
+            jobs = self._submit(groups)
+            retry = []
+            for group, job in tqdm(list(zip(groups, jobs)), desc=f"{desc} (slurm)", unit="task"):
+                try:
+                    failed = set(job.result())
+                except Exception:  # a job that died (node failure, OOM kill) fails its whole group
+                    failed = {t.shard for t in group}
+                retry_group = [t for t in group if t.shard in failed]
+                if retry_group:
+                    retry.append(retry_group)
+            groups = retry
+        return sorted(t.shard for g in groups for t in g)
+
+
+def make_executor(cfg: CurateConfig, folder: Path) -> LocalExecutor | SlurmExecutor:
+    """The configured executor."""
+    if cfg.executor.kind == "slurm":
+        return SlurmExecutor(cfg, folder)
+    d = cfg.decode
+    return LocalExecutor(cfg.executor.workers, d.worker_memory_mb, d.item_timeout_s, cfg.executor.max_retries)

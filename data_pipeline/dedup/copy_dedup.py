@@ -1,0 +1,270 @@
+"""Copy-detection dedup (DINOv2 A.3 self-deduplication): kNN graph over copy embeddings, cos > threshold, components.
+
+Every embedded pool image queries its k = 64 nearest neighbours (`knn.Searcher`: exact flat search for small pools,
+IVF / IVF-PQ with an exact re-rank for large ones). Pairs with cosine > `copy_dedup.threshold` (0.6) are edges of an
+undirected graph; union-find gives its connected components, and each component keeps one member by the documented
+rule shared with the hash stages (largest width*height, then smallest id).
+
+Resume: query rows are processed in chunks whose candidate pairs are written atomically to `_work/pairs-*.parquet`
+(and a trained IVF index to `_work/index.faiss`), so a killed run redoes only the unfinished chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.core import artifacts
+from data_pipeline.core.knn import Searcher, index_to_bytes, knn_params, measure_recall, searcher_from_bytes
+from data_pipeline.core.stage import Stage, StageContext, reject_counts
+from data_pipeline.dedup.groups import connected_labels, pick_representatives
+from data_pipeline.embed.embed import load_embeddings
+
+# Query rows per resumable work chunk.
+CHUNK_ROWS = 1 << 16
+# Components above this size are counted as "giant" (transitive chaining at cos 0.6; spec 3.2).
+GIANT_COMPONENT = 1000
+LARGEST_REPORTED = 20
+
+
+def upstream_tag(ctx: StageContext, *names: str) -> dict[bytes, bytes]:
+    """Schema metadata naming the upstream commits (fingerprint + output checksums) and the global seed.
+
+    Attached to a plan table, it enters the stage fingerprint, so new embeddings (or a new seed, which drives IVF
+    training and the audit sample) re-run the stage even when the manifest is unchanged. `write_parquet_atomic`
+    drops schema metadata, so outputs are unaffected.
+    """
+    tag = {}
+    for name in names:
+        marker = artifacts.read_success(ctx.require(name)) or {}
+        tag[name] = {"fingerprint": marker.get("fingerprint"), "outputs": marker.get("outputs")}
+    return {b"upstream": json.dumps(tag, sort_keys=True).encode(), b"seed": str(ctx.cfg.seed).encode()}
+
+
+def plan_copy(ctx: StageContext) -> pa.Table:
+    """The near_dedup manifest, tagged with the embed_copy commit."""
+    t = artifacts.read_table(ctx.require("near_dedup") / "manifest.parquet")
+    return t.replace_schema_metadata(upstream_tag(ctx, "embed_copy"))
+
+
+def pool_row_ids(table: pa.Table, rows: pa.Table, check_keep: bool = True) -> np.ndarray:
+    """row_id of each pool vector, checked against the manifest (ids must match; rows must be kept if check_keep).
+
+    Returns:
+        int64 [n_pool].
+    """
+    row_id = rows.column("row_id").to_numpy().astype(np.int64)
+    if row_id.size and (row_id.min() < 0 or row_id.max() >= table.num_rows):
+        raise ValueError("embed_copy pool_rows.parquet has row_ids outside the upstream manifest; re-run embed_copy")
+    ids = np.array(table.column("id").to_pylist(), dtype=object)
+    keep = np.array(table.column("keep").to_pylist(), dtype=bool)
+    if not (ids[row_id] == np.array(rows.column("id").to_pylist(), dtype=object)).all() or (
+        check_keep and not keep[row_id].all()
+    ):
+        raise ValueError("embed_copy pool does not match the upstream manifest (ids / keep); re-run embed_copy")
+    return row_id
+
+
+def _chunk_pairs(searcher: Searcher, start: int, stop: int, k: int, floor: float) -> pa.Table:
+    """Pairs (a < b pool indices) among the kNN of rows [start, stop) with sim > floor."""
+    sims, idx = searcher.search_self(start, stop, k)
+    q = np.repeat(np.arange(start, stop, dtype=np.int64), k)
+    nb, s = idx.ravel(), sims.ravel()
+    ok = (nb >= 0) & (s > floor)
+    a, b = np.minimum(q[ok], nb[ok]), np.maximum(q[ok], nb[ok])
+    return pa.table({"a": a, "b": b, "sim": s[ok].astype(np.float32)})
+
+
+def self_pairs(
+    pool: np.ndarray, k: int, floor: float, params, work: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Searcher | None]:
+    """Unique undirected kNN pairs with sim > floor, resumable through `work`.
+
+    Args:
+        pool: float16 [n, d] L2-normalised.
+        k: neighbours per row (self excluded).
+        floor: lowest similarity kept (min of the edge threshold and the audit band).
+        params: KnnParams.
+
+    Returns:
+        (a int64 [P], b int64 [P], sim float32 [P], searcher) with a < b, sorted by (a, b); searcher is None when
+        the pool has fewer than two rows.
+    """
+    n = pool.shape[0]
+    if n < 2:
+        e = np.zeros(0, np.int64)
+        return e, e, np.zeros(0, np.float32), None
+    index_file = work / "index.faiss"
+    if index_file.is_file():
+        searcher = searcher_from_bytes(pool, params, index_file.read_bytes())
+    else:
+        searcher = Searcher(pool, params)
+        if searcher.kind != "flat":  # IVF training + adding is the expensive part worth checkpointing
+            artifacts.write_bytes_atomic(index_file, index_to_bytes(searcher))
+    parts = []
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        f = work / f"pairs-{start:012d}-{stop:012d}.parquet"
+        if not f.is_file():
+            artifacts.write_parquet_atomic(f, _chunk_pairs(searcher, start, stop, min(k, n - 1), floor))
+        parts.append(artifacts.read_table(f))
+    t = pa.concat_tables(parts)
+    a, b, s = (t.column(c).to_numpy() for c in ("a", "b", "sim"))
+    # Each pair may come from both endpoints; keep one (max sim, though exact scoring makes them equal).
+    order = np.lexsort((-s, b, a))
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(a.size, dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first], b[first], s[first], searcher
+
+
+def component_summary(labels: np.ndarray) -> dict:
+    """Component-size histogram {size: count} (singletons included) and the largest sizes."""
+    sizes = np.bincount(np.bincount(labels)) if labels.size else np.zeros(0, np.int64)
+    hist = {str(size): int(c) for size, c in enumerate(sizes) if size > 0 and c > 0}
+    comp_sizes = np.bincount(labels)
+    comp_sizes = np.sort(comp_sizes[comp_sizes > 0])[::-1]
+    return {
+        "histogram": hist,
+        "largest": comp_sizes[:LARGEST_REPORTED].tolist(),
+        "components": int((comp_sizes > 1).sum()),
+        "singletons": int((comp_sizes == 1).sum()),
+        "giant": int((comp_sizes > GIANT_COMPONENT).sum()),
+    }
+
+
+def audit_sample(
+    a: np.ndarray, b: np.ndarray, s: np.ndarray, low: float, high: float, n_pairs: int, seed: int
+) -> np.ndarray:
+    """Seeded sample (sorted positions) of up to `n_pairs` pairs with low < sim <= high."""
+    band = np.flatnonzero((s > low) & (s <= high))
+    if band.size > n_pairs:
+        band = np.sort(np.random.default_rng(seed).choice(band, n_pairs, replace=False))
+    return band
+
+
+def _set_column(table: pa.Table, name: str, values, typ: pa.DataType) -> pa.Table:
+    arr = pa.array(values, type=typ)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(name, arr)
+
+
+def finish_copy(ctx: StageContext, table: pa.Table) -> dict:
+    """Build the copy graph; write manifest.parquet, edges.parquet, audit.parquet and components.json.
+
+    Removed rows get dup_kind='copy', dup_group/dup_of = the component's kept member; rows that earlier stages
+    grouped under a removed member follow it to the new kept member. New column copy_component (int64): row_id of
+    the component's kept member for embedded rows, -1 for the rest.
+    """
+    cfg = ctx.cfg.copy_dedup
+    out_dir = ctx.stage_dir("copy_dedup")
+    work = out_dir / "_work"
+    pool, rows = load_embeddings(ctx.stage_dir("embed_copy"), "pool")
+    pool_rows = pool_row_ids(table, rows)
+    n, n_rows = pool.shape[0], table.num_rows
+    params = knn_params(cfg, seed=ctx.cfg.seed)
+    floor = min(cfg.threshold, cfg.audit_low)
+    a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work)
+    edge = s > cfg.threshold
+    labels = connected_labels(n, a[edge], b[edge])
+
+    ids = np.array(table.column("id").to_pylist(), dtype=object)
+    w = table.column("width").fill_null(0).to_numpy().astype(np.int64)
+    h = table.column("height").fill_null(0).to_numpy().astype(np.int64)
+    rep = pool_rows[pick_representatives(labels, (w * h)[pool_rows], ids[pool_rows].astype(str))]
+
+    keep = np.array(table.column("keep").to_pylist(), dtype=bool)
+    kept_in = int(keep.sum())
+    kind = table.column("dup_kind").to_pylist()
+    dup_of = table.column("dup_of").to_pylist()
+    group = np.array(table.column("dup_group").to_pylist(), dtype=np.int64)
+    removed = pool_rows[rep != pool_rows]
+    keep[removed] = False
+    for row in removed:
+        kind[row] = "copy"
+    follow = np.arange(n_rows, dtype=np.int64)
+    follow[pool_rows] = rep
+    new_group = follow[group]
+    for row in np.flatnonzero(new_group != group):
+        dup_of[row] = str(ids[new_group[row]])
+    component = np.full(n_rows, -1, dtype=np.int64)
+    component[pool_rows] = rep
+    for name, values, typ in (("dup_group", new_group, pa.int64()), ("dup_of", dup_of, pa.string()),
+                              ("dup_kind", kind, pa.string()), ("keep", keep, pa.bool_()),
+                              ("copy_component", component, pa.int64())):
+        table = _set_column(table, name, values, typ)
+    artifacts.write_parquet_atomic(out_dir / "manifest.parquet", table)
+
+    ei, ej = pool_rows[a[edge]], pool_rows[b[edge]]
+    order = np.lexsort((ej, ei))
+    artifacts.write_parquet_atomic(out_dir / "edges.parquet", pa.table({
+        "i": pa.array(ei[order], pa.int64()), "j": pa.array(ej[order], pa.int64()),
+        "sim": pa.array(s[edge][order], pa.float32())}))
+    artifacts.write_parquet_atomic(out_dir / "audit.parquet", audit_table(table, pool_rows, a, b, s, cfg, ctx.cfg.seed))
+    summary = component_summary(labels)
+    artifacts.write_json_atomic(out_dir / "components.json", summary)
+
+    kind_used = searcher.kind if searcher is not None else "flat"
+    k_used = min(cfg.k, max(n - 1, 0))
+    if kind_used == "flat":
+        recall = recall_at_k = 1.0
+        method = "exact"
+    else:
+        # Edge recall (exact neighbours above the threshold that the index found) is what decides the graph;
+        # plain recall@k is dominated by unrelated far neighbours and is reported for reference.
+        rc = (pool, k_used, params, cfg.recall_sample, ctx.cfg.seed)
+        recall = measure_recall(*rc, searcher=searcher, min_sim=cfg.threshold)
+        recall_at_k = measure_recall(*rc, searcher=searcher)
+        method = f"sampled:{min(cfg.recall_sample, n)}"
+    nlist = searcher.nlist if searcher is not None else 0
+    print(f"[copy_dedup] index={kind_used} nlist={nlist}: edge recall (cos > {cfg.threshold}) {recall:.4f}, "
+          f"recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, {len(removed)} of {n} removed, "
+          f"largest component {summary['largest'][0] if summary['largest'] else 0}")
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "inputs": int(n),
+        "outputs": int(keep.sum()),
+        "removed": {"copy": int(len(removed))},
+        "not_embedded": int(kept_in - n),
+        "edges": int(edge.sum()),
+        "components": summary["components"],
+        "largest_component": int(summary["largest"][0]) if summary["largest"] else 0,
+        "giant_components": summary["giant"],
+        "index": kind_used,
+        "nlist": int(nlist),
+        "recall": round(float(recall), 6),
+        "recall_at_k": round(float(recall_at_k), 6),
+        "recall_method": method,
+        "rejects": reject_counts(table),
+    }
+
+
+def audit_table(table: pa.Table, pool_rows: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, cfg,
+                seed: int) -> pa.Table:
+    """Borderline pairs for human audit: columns i, j, sim, edge, id_*, path_*, member_* (row_ids, sorted)."""
+    pick = audit_sample(a, b, s, cfg.audit_low, cfg.audit_high, cfg.audit_pairs, seed)
+    i, j = pool_rows[a[pick]], pool_rows[b[pick]]
+    order = np.lexsort((j, i))
+    i, j, sim = i[order], j[order], s[pick][order]
+    cols = {"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64()), "sim": pa.array(sim, pa.float32()),
+            "edge": pa.array(sim > cfg.threshold, pa.bool_())}
+    for name in ("id", "path", "member"):
+        col = table.column(name)
+        cols[f"{name}_i"] = col.take(pa.array(i, pa.int64())).cast(pa.string())
+        cols[f"{name}_j"] = col.take(pa.array(j, pa.int64())).cast(pa.string())
+    return pa.table(cols)
+
+
+STAGE = Stage(
+    name="copy_dedup",
+    inputs=("near_dedup", "embed_copy"),
+    outputs=("manifest.parquet", "edges.parquet", "audit.parquet", "components.json"),
+    config_sections=("copy_dedup",),
+    plan=plan_copy,
+    finish=finish_copy,
+)

@@ -1,0 +1,110 @@
+"""Training state to disk and back: everything needed to continue at the next iteration exactly.
+
+Weights, centers, optimizer, grad scaler, RNG streams and the loader position; one file for a lone process, a
+sharded DCP checkpoint under any process group (readable at another world size).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dinov2.config import TrainConfig
+from dinov2.distributed import parallel
+from dinov2.distributed.env import DistEnv
+from dinov2.models.student_teacher import StudentTeacher
+from dinov2.train.checkpoint import (
+    STATE_FILE,
+    capture_rng_state,
+    is_sharded_checkpoint,
+    load_extras,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+
+logger = logging.getLogger("dinov2")
+
+
+def save_training_state(model, optimizer, scaler, iteration: int, images_skipped: dict, cfg: TrainConfig,
+                        env: DistEnv) -> None:
+    """Everything needed to continue at ``iteration + 1`` exactly: weights, centers, optimizer, scaler, RNG, data.
+
+    With a process group (any strategy) every rank writes a sharded DCP checkpoint; a lone process writes one file.
+    """
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        extras = {
+            "iteration": iteration,
+            "world_size": env.world_size,
+            "rng": capture_rng_state(),
+            "loader": {"next_batch": iteration + 1},  # the global batch index: valid at any world size
+            "images_skipped": images_skipped,
+            "scaler": scaler.state_dict() if scaler is not None else {},
+        }
+        save_sharded_checkpoint(cfg.train.output_dir, iteration, {"model": model_state, "optimizer": optimizer_state},
+                                extras, env.rank, cfg.train.max_to_keep)
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "iteration": iteration,
+        "rng": capture_rng_state(),
+        "loader": {"next_batch": iteration + 1},
+        "images_skipped": images_skipped,
+    }
+    save_checkpoint(cfg.train.output_dir, iteration, state, cfg.train.max_to_keep)
+
+
+def restore_training_state(path: Path, model: StudentTeacher, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None, env: DistEnv) -> dict:
+    """Loads a checkpoint of either layout into ``model`` (plain, DDP-wrapped or FSDP-sharded) at any world size.
+
+    Returns:
+        ``iteration``, ``images_skipped`` and ``rng``: this rank's saved RNG state, or None when the checkpoint was
+        written at another world size (the caller reseeds).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if is_sharded_checkpoint(path):
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # templates: this run's sharding
+        state = {"model": model_state, "optimizer": optimizer_state}
+        load_sharded_checkpoint(path, state)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        extras, _ = load_extras(path, env.rank, env.world_size)
+    else:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        logger.info("resuming from %s (iteration %d)", path, state["iteration"])
+        if parallel.is_sharded(model):
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=named_optimizer_state(model, optimizer, state["optimizer"]),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        rng = state.get("rng")
+        if isinstance(rng, list):  # written by the older all-ranks-in-one-file layout
+            rng = rng[env.rank] if len(rng) == env.world_size else None
+        elif env.world_size != 1:
+            rng = None
+        extras = {**state, "rng": rng}
+    if scaler is not None and extras.get("scaler"):
+        scaler.load_state_dict(extras["scaler"])
+    return extras
+
+
+def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered by position) re-keyed by parameter name, the form
+    ``set_optimizer_state_dict`` takes. Valid because every strategy builds the same groups in the same order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[index]: value for index, value in plain["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in plain["param_groups"]],
+    }

@@ -1,0 +1,355 @@
+"""The training loop: DINOv2 self-supervised training (DINO + iBOT + KoLeo) with exact resume, in one function.
+
+``train(cfg, env)`` reads top to bottom: schedules, forward and loss, backward, clipping, the non-finite guard, the
+optimizer step, the EMA teacher, metrics, checkpoint and export. The command line is ``python -m dinov2.train``
+(``dinov2.run.cli``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dinov2.config import ConfigError, TrainConfig, scaled_lr
+from dinov2.data import build_train_loader
+from dinov2.distributed import parallel
+from dinov2.distributed.env import DistEnv
+from dinov2.eval.knn import evaluate_knn
+from dinov2.models.student_teacher import StudentTeacher, build_backbones
+from dinov2.train.anomaly import AnomalyLog, LossSpikeDetector
+from dinov2.train.checkpoint import (
+    latest_checkpoint,
+    restore_rng_state,
+)
+from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
+from dinov2.train.metrics import MetricLogger, count_forward_flops
+from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups
+from dinov2.train.schedules import build_schedules
+from dinov2.train.state import restore_training_state, save_training_state
+
+logger = logging.getLogger("dinov2")
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class StopRequest(Protocol):
+    """A preemption source: all ranks agree whether to stop at this iteration; ``requeue`` resubmits the job."""
+
+    def should_stop(self, env: DistEnv) -> bool: ...
+
+    def requeue(self, env: DistEnv) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the non-finite policy says to stop the run."""
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda was requested but no CUDA device is available")
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_initial_weights(model: StudentTeacher, cfg: TrainConfig) -> None:
+    """``student.pretrained_weights``: a backbone in any supported layout, loaded strictly into student and teacher."""
+    if not cfg.student.pretrained_weights:
+        return
+    from dinov2.weights import load_backbone_weights
+
+    for role in ("student", "teacher"):
+        load_backbone_weights(getattr(model, role)["backbone"], cfg.student.pretrained_weights)
+    logger.info("initialised student and teacher backbones from %s", cfg.student.pretrained_weights)
+
+
+def flops_per_image(model: StudentTeacher, cfg: TrainConfig, device: torch.device) -> float:
+    """Training FLOPs per image: student forward+backward (3x forward) on all crops plus teacher forward."""
+    backbone = model.teacher["backbone"]
+    g, lsize = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    with torch.no_grad():
+        global_flops = count_forward_flops(backbone, torch.zeros(1, 3, g, g, device=device))
+        local_flops = count_forward_flops(backbone, torch.zeros(1, 3, lsize, lsize, device=device))
+        head_flops = 0.0
+        if "dino_head" in model.teacher:
+            head_flops = count_forward_flops(model.teacher["dino_head"], torch.zeros(1, backbone.embed_dim))
+    student = 2 * global_flops + cfg.crops.local_crops_number * local_flops
+    student += (2 + cfg.crops.local_crops_number) * head_flops
+    teacher = 2 * global_flops + 2 * head_flops
+    return 3 * student + teacher
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def all_finite(values: list[torch.Tensor], env: DistEnv) -> bool:
+    """True when every value is finite on every rank (all ranks agree, so they skip or step together)."""
+    flag = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))], device=values[0].device)
+    if env.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def reduce_mean(values: dict[str, float], env: DistEnv, device: torch.device) -> dict[str, float]:
+    if env.world_size == 1:
+        return values
+    stacked = torch.tensor(list(values.values()), device=device, dtype=torch.float64)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / env.world_size).tolist()))
+
+
+def gather_teacher_state(model: StudentTeacher, sharded: bool) -> dict[str, torch.Tensor]:
+    """The full teacher state dict on CPU (``backbone.*``, ``dino_head.*``...). Under FSDP a collective that every
+    rank enters; only rank 0 receives the tensors (the others get ``{}``)."""
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model.teacher, options=options)
+
+
+def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, iteration: int) -> Path:
+    """``eval/training_<it>/``: ``teacher_checkpoint.pth`` in the official layout, plus the backbone in the hub
+    layout as ``teacher_backbone_hub.pth`` and ``teacher_backbone_hub.safetensors``."""
+    from dinov2.weights import export_backbone
+
+    folder = output_dir / "eval" / f"training_{iteration}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "teacher_checkpoint.pth.tmp"
+    torch.save({"teacher": teacher_state}, tmp)
+    tmp.replace(folder / "teacher_checkpoint.pth")
+    backbone = {k.removeprefix("backbone."): v for k, v in teacher_state.items() if k.startswith("backbone.")}
+    export_backbone(backbone, folder / "teacher_backbone_hub.pth", layout="hub")
+    export_backbone(backbone, folder / "teacher_backbone_hub.safetensors", layout="hub")
+    return folder
+
+
+def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], cfg: TrainConfig,
+                 device: torch.device, sharded: bool) -> torch.nn.Module:
+    """The teacher backbone for rank 0's kNN check: the live module, or an unsharded copy under FSDP (a sharded
+    forward on one rank would wait forever for the others)."""
+    if not sharded:
+        return model.teacher["backbone"]
+    _, backbone = build_backbones(cfg)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher_state.items()
+                              if k.startswith("backbone.")})
+    return backbone.to(device).eval()
+
+
+def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopRequest | None = None) -> dict:
+    """Train until ``cfg.max_iter``, resuming from the newest valid checkpoint in ``train.output_dir``.
+
+    Returns:
+        A summary: ``iteration`` (last finished), ``losses`` (per-step total loss of this call),
+        ``skipped_steps``, ``images_skipped`` (corrupt inputs) and ``stopped_for_preemption``.
+
+    Args:
+        preemption: asked once per iteration whether to save and stop (``dinov2.run.preemption``); None: never.
+    """
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg, env)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    autocast_dtype = AUTOCAST_DTYPES[cfg.train.autocast_dtype]
+    use_autocast = autocast_dtype != torch.float32
+
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
+    model = StudentTeacher(cfg).to(device)
+    load_initial_weights(model, cfg)
+    init_phase_from(model, cfg, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
+    model.train()
+    # Counted on rank 0 alone, so before sharding turns every forward into a collective.
+    image_flops = flops_per_image(model, cfg, device) if env.is_main else 0.0
+    checkpoint_dir = latest_checkpoint(output_dir) if resume else None
+    if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
+        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(weights.get("model", weights))
+        logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+    strategy = parallel.resolve_strategy(cfg, env, device)
+    forward_model = parallel.wrap_student_teacher(model, cfg, env, device)  # the optimizer must see sharded params
+    sharded = parallel.is_sharded(model)
+    seed_everything(cfg.train.seed + env.rank)  # per-rank streams (stochastic depth) from here on
+    optimizer = build_optimizer(
+        build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+        cfg.optim.adamw_beta1,
+        cfg.optim.adamw_beta2,
+    )
+    use_scaler = cfg.compute_precision.grad_scaler and (
+        autocast_dtype == torch.float16 or parallel.computes_in_fp16(model, cfg, device)
+    )
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    schedules = build_schedules(cfg, env.world_size)
+    max_iter = cfg.max_iter
+
+    start_iter, skipped_images_total, saved_rng = 0, {}, None
+    if checkpoint_dir is not None:
+        resumed = restore_training_state(checkpoint_dir, model, optimizer, scaler, env)
+        start_iter = resumed["iteration"] + 1
+        skipped_images_total = dict(resumed.get("images_skipped", {}))
+        saved_rng = resumed.get("rng")
+        if saved_rng is None:
+            # Saved at another world size: per-rank streams cannot carry over, so fresh ones derive from
+            # (seed, rank, iteration); the data stream still continues at the global batch index.
+            seed_everything(cfg.train.seed + env.rank + 1_000_003 * start_iter)
+
+    loader = build_train_loader(cfg, env, start_batch=start_iter)
+    metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
+    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", scaled_lr(cfg, env.world_size),
+                images_per_step, image_flops / 1e9)
+    spikes = LossSpikeDetector(cfg.train.loss_spike_window, cfg.train.loss_spike_threshold)
+    anomalies = AnomalyLog(output_dir, env.rank)
+    student_groups = {
+        name: [p for p in module.parameters() if p.requires_grad] for name, module in model.student.items()
+    }
+
+    losses_seen: list[float] = []
+    consecutive_nonfinite, skipped_steps, stopped = 0, 0, False
+    iteration = start_iter - 1
+    step_start = time.perf_counter()
+    for iteration, batch in zip(range(start_iter, max_iter), loader):
+        if saved_rng is not None:  # after the first fetch: starting the loader draws from the global RNG
+            restore_rng_state(saved_rng)
+            saved_rng = None
+        # --- schedules ---
+        hp = schedules.at(iteration)
+        apply_schedules(optimizer, hp["lr"], hp["wd"], hp["last_layer_lr"])
+        data_time = time.perf_counter() - step_start
+        for reason, count in batch.get("skipped", {}).items():
+            skipped_images_total[reason] = skipped_images_total.get(reason, 0) + int(count)
+        batch = batch_to_device(batch, device)
+
+        # --- forward and loss (centers are restored if this step turns out non-finite) ---
+        centers_before = {k: v.clone() for k, v in model.dino_loss.state_dict().items()}
+        ibot_centers_before = {k: v.clone() for k, v in model.ibot_patch_loss.state_dict().items()}
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+            loss_terms = forward_model(batch, hp["teacher_temp"])
+        total_loss = loss_terms["total_loss"]
+
+        # --- backward ---
+        (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
+        if strategy == "none" and env.world_size > 1:
+            parallel.average_gradients(student_groups, env)
+        backbone_frozen = freeze_backbone_grads(model, cfg, iteration)  # head-only warm-up
+
+        # --- gradient clipping, per student submodule as the official trainer ---
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+        grad_norms = parallel.clip_grad_norms(student_groups, max_norm)  # global norms, also over FSDP shards
+
+        # --- non-finite guard: skip the optimizer, EMA and center updates together ---
+        if not all_finite([t.detach() for t in loss_terms.values()] + list(grad_norms.values()), env):
+            consecutive_nonfinite += 1
+            skipped_steps += 1
+            model.dino_loss.load_state_dict(centers_before)
+            model.ibot_patch_loss.load_state_dict(ibot_centers_before)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # lets the fp16 loss scale back off
+            terms = {k: float(v.detach()) for k, v in loss_terms.items()}
+            terms.update({f"grad_norm_{k}": float(v) for k, v in grad_norms.items()})
+            anomalies.record(iteration, "nonfinite", terms, batch.get("sample_keys", []))
+            logger.warning("non-finite loss or gradient at iteration %d (%s); step skipped, batch keys in %s",
+                           iteration, terms, anomalies.path)
+            if cfg.train.nonfinite_policy == "abort" or consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {iteration} ({consecutive_nonfinite} consecutive); stopping"
+                )
+            step_start = time.perf_counter()
+            continue
+        consecutive_nonfinite = 0
+
+        # --- optimizer step ---
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        # --- EMA teacher ---
+        if sharded:
+            parallel.reshard_teacher(model)  # EMA on local shards: the gathered root weights must be freed first
+        if backbone_frozen:
+            update_teacher_heads(model, hp["mom"])
+        else:
+            parallel.update_teacher(model, hp["mom"])
+
+        # --- metrics ---
+        values = {k: float(v.detach()) for k, v in loss_terms.items()}
+        losses_seen.append(values["total_loss"])
+        if spikes.is_spike(values["total_loss"]):  # this rank's own loss: the keys below are its batch
+            anomalies.record(iteration, "spike", values, batch.get("sample_keys", []))
+            logger.warning("loss spike at iteration %d on rank %d: %.4g; batch keys in %s", iteration, env.rank,
+                           values["total_loss"], anomalies.path)
+        values = reduce_mean(values, env, device)
+        step_time = time.perf_counter() - step_start
+        images_per_s = images_per_step / max(step_time, 1e-9)
+        values.update(hp)
+        values.update({f"grad_norm_{k}": float(v) for k, v in grad_norms.items()})
+        values.update(
+            iter_time=step_time,
+            data_time=data_time,
+            images_per_s=images_per_s,
+            tflops=image_flops * images_per_s / 1e12,
+            max_mem_mb=peak_memory_mb(device),
+        )
+        metrics.update(iteration, values)
+
+        # --- checkpoint, teacher export, preemption ---
+        last = iteration == max_iter - 1
+        stopped = preemption is not None and preemption.should_stop(env)
+        if (iteration + 1) % cfg.train.checkpoint_period == 0 or last or stopped:
+            save_training_state(model, optimizer, scaler, iteration, skipped_images_total, cfg, env)
+        export_now = (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last
+        gather = export_now and (sharded or env.is_main)  # a collective under FSDP, rank 0's business otherwise
+        teacher_state = gather_teacher_state(model, sharded) if gather else {}
+        if env.is_main and export_now:
+            export_teacher(teacher_state, output_dir, iteration)
+            if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
+                knn = evaluate_knn(knn_backbone(model, teacher_state, cfg, device, sharded),
+                                   cfg.evaluation.knn_train_dataset,
+                                   cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
+                logger.info("kNN top-1 at iteration %d: %s", iteration, knn["top1"])
+                metrics.update(iteration, {f"knn_top1_k{k}": v for k, v in knn["top1"].items()})
+        if stopped:
+            logger.info("preemption requested: saved at iteration %d, requeueing", iteration)
+            metrics.close()  # under SLURM requeue() never returns
+            preemption.requeue(env)
+            break
+        step_start = time.perf_counter()
+
+    metrics.close()
+    return {
+        "iteration": iteration,
+        "losses": losses_seen,
+        "skipped_steps": skipped_steps,
+        "images_skipped": skipped_images_total,
+        "stopped_for_preemption": stopped,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
