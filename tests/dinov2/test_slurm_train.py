@@ -149,12 +149,13 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, images, tmp_path):
         subprocess.run(["scancel", job_id], check=False)
 
 
-def _job_ids() -> set[str]:
-    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+def _jobs_writing_under(folder: Path) -> list[str]:
+    """Queued or running jobs whose log goes under ``folder`` (other test sessions may share the cluster)."""
+    ids = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    return [job_id for job_id in ids if str(folder) in job_field(job_id, "StdOut")]
 
 
 def test_bad_partition_or_missing_config_fails_before_submitting(slurm_cluster, images, tmp_path):
-    before = _job_ids()
     out = tmp_path / "run"
     bad_partition = cli("--output-dir", str(out), *tiny_overrides(images, 2), "--partition", "no-such-partition",
                         "--tasks-per-node", "2")
@@ -167,4 +168,4 @@ def test_bad_partition_or_missing_config_fails_before_submitting(slurm_cluster, 
     assert "config file not found" in missing.stderr and "Traceback" not in missing.stderr
     bad_key = cli("--output-dir", str(out), "train.no_such_key=1", "--partition", slurm_cluster.partition)
     assert bad_key.returncode == 2 and "train.no_such_key" in bad_key.stderr
-    assert not (out / "slurm").exists() and _job_ids() <= before  # nothing new in the queue
+    assert not (out / "slurm").exists() and not _jobs_writing_under(out)  # nothing of this run in the queue
