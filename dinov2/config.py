@@ -327,14 +327,18 @@ class TrainConfig:
         return self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
 
 
-def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
-    """The peak learning rate after the batch-size scaling rule (official: base_lr * sqrt(B_total / 1024))."""
-    total_batch = cfg.train.batch_size_per_gpu * world_size
-    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
-        return cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
-    if cfg.optim.scaling_rule == "linear_wrt_256":
-        return cfg.optim.base_lr * total_batch / 256.0
-    return cfg.optim.base_lr
+def scaled_lr(optim: OptimConfig, total_batch: int) -> float:
+    """The peak learning rate after the batch-size scaling rule (official: base_lr * sqrt(B_total / 1024)).
+
+    Args:
+        optim: ``base_lr`` and ``scaling_rule`` are read.
+        total_batch: images per optimizer step over all ranks (``train.batch_size_per_gpu`` x world size).
+    """
+    if optim.scaling_rule == "sqrt_wrt_1024":
+        return optim.base_lr * math.sqrt(total_batch / 1024.0)
+    if optim.scaling_rule == "linear_wrt_256":
+        return optim.base_lr * total_batch / 256.0
+    return optim.base_lr
 
 
 def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
+from dinov2.config import CropsConfig, IbotConfig, TrainSection
 from dinov2.data.augment import BLUR_PROBABILITIES, CropParams, MultiCropAugmentation, apply_crop
 from dinov2.data.collate import collate_crops
 from dinov2.data.loader import (
@@ -44,22 +41,22 @@ __all__ = [
 ]
 
 
-def build_train_loader(cfg: Any, env: Any, start_batch: int = 0) -> TrainLoader:
-    """The training loader for a ``TrainConfig`` and a distributed environment (the only config-aware entry point).
-
-    Reads ``train.dataset_path / batch_size_per_gpu / seed / num_workers``, ``crops.*``,
-    ``ibot.mask_ratio_min_max / mask_sample_probability`` and ``student.patch_size``; ``env`` gives ``rank``,
-    ``world_size`` and (optionally) ``device``, whose type ``cuda`` turns on pinned memory.
+def build_train_loader(train: TrainSection, crops: CropsConfig, ibot: IbotConfig, patch_size: int, *, rank: int,
+                       world_size: int, start_batch: int = 0, pin_memory: bool = False) -> TrainLoader:
+    """The training loader from the config sections it reads (the only config-aware entry point).
 
     Args:
-        cfg: the training config.
-        env: the distributed environment.
+        train: ``dataset_path``, ``batch_size_per_gpu``, ``seed`` and ``num_workers`` are read.
+        crops: the multi-crop augmentation.
+        ibot: ``mask_ratio_min_max`` and ``mask_sample_probability`` of the iBOT masks.
+        patch_size: the backbone's patch size (``student.patch_size``), which sets the mask grid.
+        rank: this process's rank; ``world_size``: the number of ranks sharing the data stream.
         start_batch: first batch number (the checkpoint's ``loader.next_batch`` when resuming).
+        pin_memory: pin host batches (for a CUDA device).
 
     Returns:
         The rank's :class:`TrainLoader`.
     """
-    crops = cfg.crops
     augmentation = MultiCropAugmentation(
         global_crops_scale=tuple(crops.global_crops_scale),
         local_crops_scale=tuple(crops.local_crops_scale),
@@ -68,19 +65,18 @@ def build_train_loader(cfg: Any, env: Any, start_batch: int = 0) -> TrainLoader:
         local_crops_size=crops.local_crops_size,
         blur_mode=crops.blur_mode,
     )
-    device = getattr(env, "device", None)
     return make_train_loader(
-        cfg.train.dataset_path,
-        cfg.train.batch_size_per_gpu,
+        train.dataset_path,
+        train.batch_size_per_gpu,
         augmentation=augmentation,
-        patch_size=cfg.student.patch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=cfg.train.seed,
+        patch_size=patch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=train.seed,
         start_batch=start_batch,
-        num_workers=cfg.train.num_workers,
-        mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        pin_memory=device is not None and torch.device(device).type == "cuda",
-        persistent_workers=cfg.train.num_workers > 0,
+        num_workers=train.num_workers,
+        mask_ratio_min_max=tuple(ibot.mask_ratio_min_max),
+        mask_probability=ibot.mask_sample_probability,
+        pin_memory=pin_memory,
+        persistent_workers=train.num_workers > 0,
     )

@@ -18,6 +18,8 @@
 
 The model's parameter names never change (FSDP2 swaps parameters for DTensors in place; DDP is only used for its
 forward), so checkpoints, exports and optimizer groups use the same keys under every strategy.
+
+Takes the ``train.strategy`` value and the ``compute_precision`` config section, never the whole config.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dinov2.config import ConfigError, ModulePrecisionConfig, TrainConfig
+from dinov2.config import ComputePrecisionConfig, ConfigError, ModulePrecisionConfig, StudentPrecisionConfig
 from dinov2.distributed.env import DistEnv
 from dinov2.layers import Block
 from dinov2.models.student_teacher import StudentTeacher
@@ -39,13 +41,12 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 _RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "NO_SHARD": False}
 
 
-def resolve_strategy(cfg: TrainConfig, env: DistEnv, device: torch.device) -> str:
-    """``train.strategy`` with ``auto`` resolved; ``fsdp``/``ddp`` need a process group (any world size).
+def resolve_strategy(strategy: str, env: DistEnv, device: torch.device) -> str:
+    """``strategy`` (``train.strategy``) with ``auto`` resolved; ``fsdp``/``ddp`` need a process group (any world size).
 
     Raises:
         ConfigError: ``fsdp`` or ``ddp`` asked for in a process that joined no process group.
     """
-    strategy = cfg.train.strategy
     if strategy == "auto":
         if env.world_size == 1:
             return "none"
@@ -79,44 +80,52 @@ def _precision_policy(precision: ModulePrecisionConfig, device: torch.device):
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=TORCH_DTYPES[mixed.reduce_dtype])
 
 
-def computes_in_fp16(model: StudentTeacher, cfg: TrainConfig, device: torch.device) -> bool:
+def computes_in_fp16(model: StudentTeacher, precision: StudentPrecisionConfig, device: torch.device) -> bool:
     """True when FSDP2 casts a student module's parameters to fp16 (the official default on CUDA): the gradients
-    then need a loss scaler even without fp16 autocast."""
+    then need a loss scaler even without fp16 autocast.
+
+    Args:
+        precision: ``compute_precision.student``.
+    """
     if device.type != "cuda" or not is_sharded(model):
         return False
-    precision = cfg.compute_precision.student
     return any(getattr(precision, name).mixed_precision.param_dtype == "fp16" for name in model.student)
 
 
-def shard_student_teacher(model: StudentTeacher, cfg: TrainConfig, device: torch.device) -> None:
-    """Applies FSDP2 in place: each ``Block``, then each backbone and head root, of the student and the teacher."""
+def shard_student_teacher(model: StudentTeacher, precision: ComputePrecisionConfig, device: torch.device) -> None:
+    """Applies FSDP2 in place: each ``Block``, then each backbone and head root, of the student and the teacher,
+    with the mixed precision and resharding of ``precision.<role>.<module>``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for role in ("student", "teacher"):
-        role_precision = getattr(cfg.compute_precision, role)
+        role_precision = getattr(precision, role)
         for name, module in getattr(model, role).items():
-            precision: ModulePrecisionConfig = getattr(role_precision, name)
+            module_precision: ModulePrecisionConfig = getattr(role_precision, name)
             # The teacher never runs backward, so only a resharding forward returns it to local shards for the EMA.
-            reshard = True if role == "teacher" else _RESHARD_AFTER_FORWARD[precision.sharding_strategy]
-            policy = _precision_policy(precision, device)
+            reshard = True if role == "teacher" else _RESHARD_AFTER_FORWARD[module_precision.sharding_strategy]
+            policy = _precision_policy(module_precision, device)
             for block in [m for m in module.modules() if isinstance(m, Block)]:
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
 
 
-def wrap_student_teacher(model: StudentTeacher, cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:
-    """Applies ``train.strategy`` to ``model`` (already on ``device``).
+def wrap_student_teacher(model: StudentTeacher, strategy: str, precision: ComputePrecisionConfig, env: DistEnv,
+                         device: torch.device) -> nn.Module:
+    """Applies ``strategy`` to ``model`` (already on ``device``).
+
+    Args:
+        strategy: ``none``, ``ddp`` or ``fsdp``, as :func:`resolve_strategy` returns it.
+        precision: ``compute_precision``, read by ``fsdp`` only.
 
     Returns:
         The module to call for the training forward: ``model`` itself (``none``, ``fsdp``: sharded in place) or a
         DDP wrapper around it (``ddp``). Everything else (optimizer, EMA, checkpoints) keeps using ``model``.
     """
-    strategy = resolve_strategy(cfg, env, device)
     logger.info("parallel strategy: %s (world size %d)", strategy, env.world_size)
     if strategy == "fsdp":
-        shard_student_teacher(model, cfg, device)
+        shard_student_teacher(model, precision, device)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

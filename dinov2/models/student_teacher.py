@@ -2,6 +2,9 @@
 
 ``forward(batch, teacher_temp)`` returns a dict of named loss terms; it never calls backward. The teacher sees the two
 global crops only; the student sees all crops in one packed multi-crop forward.
+
+Takes the ``student``, ``dino`` and ``ibot`` config sections plus three plain values (crop size, number of local
+crops, centering mode); the teacher's schedules reach it as per-step arguments.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from dinov2.config import StudentConfig, TrainConfig
+from dinov2.config import DinoConfig, IbotConfig, StudentConfig
 from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
 from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
@@ -38,67 +41,78 @@ def backbone_kwargs(student: StudentConfig, img_size: int) -> dict:
     return kwargs
 
 
-def build_backbones(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """(student, teacher) backbones; only the student has stochastic depth."""
-    kwargs = backbone_kwargs(cfg.student, cfg.crops.global_crops_size)
-    student = build_backbone(
-        cfg.student.arch,
-        drop_path_rate=cfg.student.drop_path_rate,
-        drop_path_uniform=cfg.student.drop_path_uniform,
+def build_backbones(student: StudentConfig, img_size: int) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) backbones for ``img_size`` crops (``crops.global_crops_size``); only the student has
+    stochastic depth."""
+    kwargs = backbone_kwargs(student, img_size)
+    student_backbone = build_backbone(
+        student.arch,
+        drop_path_rate=student.drop_path_rate,
+        drop_path_uniform=student.drop_path_uniform,
         **kwargs,
     )
-    teacher = build_backbone(cfg.student.arch, **kwargs)
-    return student, teacher
+    teacher_backbone = build_backbone(student.arch, **kwargs)
+    return student_backbone, teacher_backbone
 
 
 class StudentTeacher(nn.Module):
-    """The DINOv2 meta-architecture (official ``SSLMetaArch``) without backward, FSDP or device handling."""
+    """The DINOv2 meta-architecture (official ``SSLMetaArch``) without backward, FSDP or device handling.
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    Args:
+        student: the backbone architecture (official ``cfg.student``), shared by the teacher.
+        dino: DINO head and loss weights (``loss_weight`` 0 turns DINO off); ``koleo_loss_weight`` too.
+        ibot: iBOT head and loss weight; ``separate_head`` builds its own head instead of sharing DINO's.
+        img_size: the global crop size the backbones are built for (``crops.global_crops_size``).
+        n_local_crops: local crops per image (``crops.local_crops_number``).
+        centering: ``centering`` (softmax with an EMA center) or ``sinkhorn_knopp`` (``train.centering``).
+    """
+
+    def __init__(self, student: StudentConfig, dino: DinoConfig, ibot: IbotConfig, *, img_size: int,
+                 n_local_crops: int, centering: str) -> None:
         super().__init__()
-        self.do_dino = cfg.dino.loss_weight > 0
-        self.do_koleo = cfg.dino.koleo_loss_weight > 0
-        self.do_ibot = cfg.ibot.loss_weight > 0
-        self.separate_ibot_head = cfg.ibot.separate_head
-        self.dino_loss_weight = cfg.dino.loss_weight
-        self.koleo_loss_weight = cfg.dino.koleo_loss_weight
-        self.ibot_loss_weight = cfg.ibot.loss_weight
-        self.centering = cfg.train.centering
-        self.n_local_crops = cfg.crops.local_crops_number
+        self.do_dino = dino.loss_weight > 0
+        self.do_koleo = dino.koleo_loss_weight > 0
+        self.do_ibot = ibot.loss_weight > 0
+        self.separate_ibot_head = ibot.separate_head
+        self.dino_loss_weight = dino.loss_weight
+        self.koleo_loss_weight = dino.koleo_loss_weight
+        self.ibot_loss_weight = ibot.loss_weight
+        self.centering = centering
+        self.n_local_crops = n_local_crops
 
-        student_backbone, teacher_backbone = build_backbones(cfg)
+        student_backbone, teacher_backbone = build_backbones(student, img_size)
         embed_dim = student_backbone.embed_dim
-        student = {"backbone": student_backbone}
-        teacher = {"backbone": teacher_backbone}
+        student_parts = {"backbone": student_backbone}
+        teacher_parts = {"backbone": teacher_backbone}
         # Unlike the official code, iBOT alone with a shared head works: the shared head is built when either needs it.
         if self.do_dino or (self.do_ibot and not self.separate_ibot_head):
-            student["dino_head"] = DINOHead(
+            student_parts["dino_head"] = DINOHead(
                 embed_dim,
-                cfg.dino.head_n_prototypes,
-                nlayers=cfg.dino.head_nlayers,
-                hidden_dim=cfg.dino.head_hidden_dim,
-                bottleneck_dim=cfg.dino.head_bottleneck_dim,
+                dino.head_n_prototypes,
+                nlayers=dino.head_nlayers,
+                hidden_dim=dino.head_hidden_dim,
+                bottleneck_dim=dino.head_bottleneck_dim,
             )
         if self.do_ibot and self.separate_ibot_head:
-            student["ibot_head"] = DINOHead(
+            student_parts["ibot_head"] = DINOHead(
                 embed_dim,
-                cfg.ibot.head_n_prototypes,
-                nlayers=cfg.ibot.head_nlayers,
-                hidden_dim=cfg.ibot.head_hidden_dim,
-                bottleneck_dim=cfg.ibot.head_bottleneck_dim,
+                ibot.head_n_prototypes,
+                nlayers=ibot.head_nlayers,
+                hidden_dim=ibot.head_hidden_dim,
+                bottleneck_dim=ibot.head_bottleneck_dim,
             )
-        for name, module in student.items():
+        for name, module in student_parts.items():
             if name != "backbone":
-                teacher[name] = copy.deepcopy(module)
-        self.student = nn.ModuleDict(student)
-        self.teacher = nn.ModuleDict(teacher)
+                teacher_parts[name] = copy.deepcopy(module)
+        self.student = nn.ModuleDict(student_parts)
+        self.teacher = nn.ModuleDict(teacher_parts)
         # Teacher = student at initialisation (as official prepare_for_distributed_training).
         self.teacher.load_state_dict(self.student.state_dict())
         for param in self.teacher.parameters():
             param.requires_grad = False
 
-        ibot_prototypes = cfg.ibot.head_n_prototypes if self.separate_ibot_head else cfg.dino.head_n_prototypes
-        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        ibot_prototypes = ibot.head_n_prototypes if self.separate_ibot_head else dino.head_n_prototypes
+        self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes)
         self.koleo_loss = KoLeoLoss()
 

@@ -20,6 +20,8 @@ phase is a new run with its own schedules.
 ``train.head_warmup_iters`` > 0 trains the heads only for that many iterations: the student backbone's gradients are
 dropped after backward (AdamW skips a parameter without a gradient, so its weights, weight decay and Adam moments all
 stay untouched, and its moments start at step 1 when it unfreezes), and the teacher EMA updates the heads only.
+
+Takes the ``train`` config section (``init_from``, ``init_heads``, ``output_dir``) and plain values.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dinov2.config import TrainConfig
+from dinov2.config import TrainSection
 from dinov2.models.student_teacher import StudentTeacher
 from dinov2.train.checkpoint import STATE_FILE, list_valid_checkpoints
 from dinov2.weights import extract_backbone, load_into, read_weights, resize_pos_embed
@@ -137,14 +139,14 @@ def _load_heads(model: StudentTeacher, state: Mapping[str, torch.Tensor], source
     model.load_state_dict(given, strict=False)
 
 
-def init_phase_from(model: StudentTeacher, cfg: TrainConfig, resume: bool = True) -> bool:
-    """Initialise ``model`` from ``cfg.train.init_from`` unless the run resumes from its own checkpoint.
+def init_phase_from(model: StudentTeacher, train: TrainSection, resume: bool = True) -> bool:
+    """Initialise ``model`` from ``train.init_from`` unless the run resumes from its own checkpoint.
 
     Call it on the freshly built model, before any parallel wrapping and before the optimizer sees a step.
 
     Args:
         model: the new phase's model (its backbones built at the new ``global_crops_size``).
-        cfg: ``train.init_from``, ``train.init_heads`` and ``train.output_dir`` are read.
+        train: ``init_from``, ``init_heads`` and ``output_dir`` are read (``head_warmup_iters`` is logged).
         resume: whether the run will resume from ``train.output_dir``; then a committed checkpoint there wins.
 
     Returns:
@@ -153,12 +155,12 @@ def init_phase_from(model: StudentTeacher, cfg: TrainConfig, resume: bool = True
     Raises:
         ValueError: no usable weights, ``init_heads=checkpoint`` with a backbone-only file, or any key/shape mismatch.
     """
-    if not cfg.train.init_from or (resume and list_valid_checkpoints(cfg.train.output_dir)):
+    if not train.init_from or (resume and list_valid_checkpoints(train.output_dir)):
         return False
-    source = resolve_init_source(cfg.train.init_from)
+    source = resolve_init_source(train.init_from)
     state = read_model_state(source)
     if state is None:
-        if cfg.train.init_heads == "checkpoint":
+        if train.init_heads == "checkpoint":
             raise ValueError(
                 f"train.init_from: {source} holds a backbone only (no DINO/iBOT heads); set train.init_heads=fresh"
             )
@@ -168,20 +170,20 @@ def init_phase_from(model: StudentTeacher, cfg: TrainConfig, resume: bool = True
     else:
         for role in _ROLES:
             _load_backbone(getattr(model, role)["backbone"], extract_backbone({"model": state}, role))
-        if cfg.train.init_heads == "checkpoint":
+        if train.init_heads == "checkpoint":
             _load_heads(model, state, source)
     logger.info("phase initialised from %s (heads: %s, head-only warm-up: %d iterations)", source,
-                cfg.train.init_heads, cfg.train.head_warmup_iters)
+                train.init_heads, train.head_warmup_iters)
     return True
 
 
-def freeze_backbone_grads(model: StudentTeacher, cfg: TrainConfig, iteration: int) -> bool:
+def freeze_backbone_grads(model: StudentTeacher, head_warmup_iters: int, iteration: int) -> bool:
     """During the head-only warm-up, drop the student backbone's gradients (call after backward, before clipping).
 
     Returns:
-        True while ``iteration < train.head_warmup_iters`` (the backbone is frozen for this step).
+        True while ``iteration < head_warmup_iters`` (``train.head_warmup_iters``): the backbone is frozen this step.
     """
-    if iteration >= cfg.train.head_warmup_iters:
+    if iteration >= head_warmup_iters:
         return False
     for param in model.student["backbone"].parameters():
         param.grad = None

@@ -3,6 +3,8 @@
 Each schedule reproduces the official ``CosineScheduler`` array exactly (freeze zeros, then a linear warm-up that
 ends on the base value, then a half cosine to the final value; the final value past the end) but is evaluated in
 O(1) per step, so nothing of size ``max_iter`` is built and a resumed run needs no state.
+
+Takes the ``optim`` and ``teacher`` config sections, the epoch length and the already scaled peak lr.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dinov2.config import TrainConfig, scaled_lr
+from dinov2.config import OptimConfig, TeacherConfig
 
 
 @dataclass(frozen=True)
@@ -93,17 +95,22 @@ class TrainingSchedules:
         }
 
 
-def build_schedules(cfg: TrainConfig, world_size: int) -> TrainingSchedules:
-    """The official schedules; one "epoch" is ``train.OFFICIAL_EPOCH_LENGTH`` iterations, unrelated to data size."""
-    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
-    total = cfg.optim.epochs * epoch
-    peak_lr = scaled_lr(cfg, world_size)
-    lr = CosineSchedule(peak_lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * epoch)
+def build_schedules(optim: OptimConfig, teacher: TeacherConfig, epoch_length: int, peak_lr: float) -> TrainingSchedules:
+    """The official schedules.
+
+    Args:
+        optim: epochs, warm-up, final lr, weight decay and last-layer freeze.
+        teacher: EMA momentum and teacher temperature.
+        epoch_length: iterations per "epoch" (``train.OFFICIAL_EPOCH_LENGTH``, unrelated to the data size).
+        peak_lr: the lr after the batch-size scaling rule (:func:`dinov2.config.scaled_lr`).
+    """
+    total = optim.epochs * epoch_length
+    lr = CosineSchedule(peak_lr, optim.min_lr, total, warmup_iters=optim.warmup_epochs * epoch_length)
     # The last layer's lr is 0 for the first freeze_last_layer_epochs: Adam moments still accumulate (as official).
-    last_layer_lr = ZeroedPrefixSchedule(lr, cfg.optim.freeze_last_layer_epochs * epoch)
-    wd = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
-    momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
+    last_layer_lr = ZeroedPrefixSchedule(lr, optim.freeze_last_layer_epochs * epoch_length)
+    wd = CosineSchedule(optim.weight_decay, optim.weight_decay_end, total)
+    momentum = CosineSchedule(teacher.momentum_teacher, teacher.final_momentum_teacher, total)
     teacher_temp = LinearWarmupSchedule(
-        cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp, cfg.teacher.warmup_teacher_temp_epochs * epoch
+        teacher.warmup_teacher_temp, teacher.teacher_temp, teacher.warmup_teacher_temp_epochs * epoch_length
     )
     return TrainingSchedules(lr, last_layer_lr, wd, momentum, teacher_temp)

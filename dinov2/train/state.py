@@ -1,7 +1,8 @@
 """Training state to disk and back: everything needed to continue at the next iteration exactly.
 
 Weights, centers, optimizer, grad scaler, RNG streams and the loader position; one file for a lone process, a
-sharded DCP checkpoint under any process group (readable at another world size).
+sharded DCP checkpoint under any process group (readable at another world size). Takes plain values (output
+directory, checkpoints to keep), not the config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dinov2.config import TrainConfig
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
@@ -29,11 +29,15 @@ from dinov2.train.checkpoint import (
 logger = logging.getLogger("dinov2")
 
 
-def save_training_state(model, optimizer, scaler, iteration: int, images_skipped: dict, cfg: TrainConfig,
-                        env: DistEnv) -> None:
+def save_training_state(model, optimizer, scaler, iteration: int, images_skipped: dict, output_dir: str | Path,
+                        max_to_keep: int, env: DistEnv) -> None:
     """Everything needed to continue at ``iteration + 1`` exactly: weights, centers, optimizer, scaler, RNG, data.
 
     With a process group (any strategy) every rank writes a sharded DCP checkpoint; a lone process writes one file.
+
+    Args:
+        output_dir: the run's directory (``train.output_dir``); checkpoints go to its ``checkpoints/``.
+        max_to_keep: periodic checkpoints retained (``train.max_to_keep``).
     """
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -47,8 +51,8 @@ def save_training_state(model, optimizer, scaler, iteration: int, images_skipped
             "images_skipped": images_skipped,
             "scaler": scaler.state_dict() if scaler is not None else {},
         }
-        save_sharded_checkpoint(cfg.train.output_dir, iteration, {"model": model_state, "optimizer": optimizer_state},
-                                extras, env.rank, cfg.train.max_to_keep)
+        save_sharded_checkpoint(output_dir, iteration, {"model": model_state, "optimizer": optimizer_state},
+                                extras, env.rank, max_to_keep)
         return
     state = {
         "model": model.state_dict(),
@@ -59,7 +63,7 @@ def save_training_state(model, optimizer, scaler, iteration: int, images_skipped
         "loader": {"next_batch": iteration + 1},
         "images_skipped": images_skipped,
     }
-    save_checkpoint(cfg.train.output_dir, iteration, state, cfg.train.max_to_keep)
+    save_checkpoint(output_dir, iteration, state, max_to_keep)
 
 
 def restore_training_state(path: Path, model: StudentTeacher, optimizer: torch.optim.Optimizer,

@@ -3,6 +3,9 @@
 ``train(cfg, env)`` reads top to bottom: schedules, forward and loss, backward, clipping, the non-finite guard, the
 optimizer step, the EMA teacher, metrics, checkpoint and export. The command line is ``python -m dinov2.train``
 (``dinov2.run.cli``).
+
+This module is where the config is unpacked: every builder it calls takes only the sections or values it reads, and
+derived values (the scaled lr, the resolved device and parallel strategy) are computed here once and passed in.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2.config import ConfigError, TrainConfig, scaled_lr
+from dinov2.config import ConfigError, CropsConfig, StudentConfig, TrainConfig, scaled_lr
 from dinov2.data import build_train_loader
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
@@ -52,8 +55,9 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the non-finite policy says to stop the run."""
 
 
-def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+def resolve_device(device: str, env: DistEnv) -> torch.device:
+    """``train.device`` (auto | cpu | cuda) as this rank's device."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda was requested but no CUDA device is available")
         return torch.device("cuda", env.local_rank)
@@ -66,29 +70,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_initial_weights(model: StudentTeacher, cfg: TrainConfig) -> None:
-    """``student.pretrained_weights``: a backbone in any supported layout, loaded strictly into student and teacher."""
-    if not cfg.student.pretrained_weights:
+def build_student_teacher(cfg: TrainConfig) -> StudentTeacher:
+    """The model of a run, from the config sections it reads (official ``SSLMetaArch(cfg)``)."""
+    return StudentTeacher(cfg.student, cfg.dino, cfg.ibot, img_size=cfg.crops.global_crops_size,
+                          n_local_crops=cfg.crops.local_crops_number, centering=cfg.train.centering)
+
+
+def load_initial_weights(model: StudentTeacher, pretrained_weights: str) -> None:
+    """``student.pretrained_weights``: a backbone in any supported layout, loaded strictly into student and teacher
+    ("" loads nothing)."""
+    if not pretrained_weights:
         return
     from dinov2.weights import load_backbone_weights
 
     for role in ("student", "teacher"):
-        load_backbone_weights(getattr(model, role)["backbone"], cfg.student.pretrained_weights)
-    logger.info("initialised student and teacher backbones from %s", cfg.student.pretrained_weights)
+        load_backbone_weights(getattr(model, role)["backbone"], pretrained_weights)
+    logger.info("initialised student and teacher backbones from %s", pretrained_weights)
 
 
-def flops_per_image(model: StudentTeacher, cfg: TrainConfig, device: torch.device) -> float:
+def flops_per_image(model: StudentTeacher, crops: CropsConfig, device: torch.device) -> float:
     """Training FLOPs per image: student forward+backward (3x forward) on all crops plus teacher forward."""
     backbone = model.teacher["backbone"]
-    g, lsize = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    g, lsize = crops.global_crops_size, crops.local_crops_size
     with torch.no_grad():
         global_flops = count_forward_flops(backbone, torch.zeros(1, 3, g, g, device=device))
         local_flops = count_forward_flops(backbone, torch.zeros(1, 3, lsize, lsize, device=device))
         head_flops = 0.0
         if "dino_head" in model.teacher:
             head_flops = count_forward_flops(model.teacher["dino_head"], torch.zeros(1, backbone.embed_dim))
-    student = 2 * global_flops + cfg.crops.local_crops_number * local_flops
-    student += (2 + cfg.crops.local_crops_number) * head_flops
+    student = 2 * global_flops + crops.local_crops_number * local_flops
+    student += (2 + crops.local_crops_number) * head_flops
     teacher = 2 * global_flops + 2 * head_flops
     return 3 * student + teacher
 
@@ -140,13 +151,13 @@ def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, ite
     return folder
 
 
-def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], cfg: TrainConfig,
-                 device: torch.device, sharded: bool) -> torch.nn.Module:
+def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], student: StudentConfig,
+                 img_size: int, device: torch.device, sharded: bool) -> torch.nn.Module:
     """The teacher backbone for rank 0's kNN check: the live module, or an unsharded copy under FSDP (a sharded
-    forward on one rank would wait forever for the others)."""
+    forward on one rank would wait forever for the others), built from ``student`` at ``img_size``."""
     if not sharded:
         return model.teacher["backbone"]
-    _, backbone = build_backbones(cfg)
+    _, backbone = build_backbones(student, img_size)
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher_state.items()
                               if k.startswith("backbone.")})
     return backbone.to(device).eval()
@@ -164,26 +175,27 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     """
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg, env)
+    device = resolve_device(cfg.train.device, env)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     autocast_dtype = AUTOCAST_DTYPES[cfg.train.autocast_dtype]
     use_autocast = autocast_dtype != torch.float32
 
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
-    model = StudentTeacher(cfg).to(device)
-    load_initial_weights(model, cfg)
-    init_phase_from(model, cfg, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
+    model = build_student_teacher(cfg).to(device)
+    load_initial_weights(model, cfg.student.pretrained_weights)
+    init_phase_from(model, cfg.train, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
     model.train()
     # Counted on rank 0 alone, so before sharding turns every forward into a collective.
-    image_flops = flops_per_image(model, cfg, device) if env.is_main else 0.0
+    image_flops = flops_per_image(model, cfg.crops, device) if env.is_main else 0.0
     checkpoint_dir = latest_checkpoint(output_dir) if resume else None
     if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
         weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
         model.load_state_dict(weights.get("model", weights))
         logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
-    strategy = parallel.resolve_strategy(cfg, env, device)
-    forward_model = parallel.wrap_student_teacher(model, cfg, env, device)  # the optimizer must see sharded params
+    strategy = parallel.resolve_strategy(cfg.train.strategy, env, device)
+    # the optimizer must see sharded params
+    forward_model = parallel.wrap_student_teacher(model, strategy, cfg.compute_precision, env, device)
     sharded = parallel.is_sharded(model)
     seed_everything(cfg.train.seed + env.rank)  # per-rank streams (stochastic depth) from here on
     optimizer = build_optimizer(
@@ -192,10 +204,12 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         cfg.optim.adamw_beta2,
     )
     use_scaler = cfg.compute_precision.grad_scaler and (
-        autocast_dtype == torch.float16 or parallel.computes_in_fp16(model, cfg, device)
+        autocast_dtype == torch.float16 or parallel.computes_in_fp16(model, cfg.compute_precision.student, device)
     )
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    schedules = build_schedules(cfg, env.world_size)
+    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    peak_lr = scaled_lr(cfg.optim, images_per_step)
+    schedules = build_schedules(cfg.optim, cfg.teacher, cfg.train.OFFICIAL_EPOCH_LENGTH, peak_lr)
     max_iter = cfg.max_iter
 
     start_iter, skipped_images_total, saved_rng = 0, {}, None
@@ -209,11 +223,12 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
             # (seed, rank, iteration); the data stream still continues at the global batch index.
             seed_everything(cfg.train.seed + env.rank + 1_000_003 * start_iter)
 
-    loader = build_train_loader(cfg, env, start_batch=start_iter)
+    loader = build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=env.rank,
+                                world_size=env.world_size, start_batch=start_iter,
+                                pin_memory=env.device.type == "cuda")
     metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
-    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
-    logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", scaled_lr(cfg, env.world_size),
-                images_per_step, image_flops / 1e9)
+    logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", peak_lr, images_per_step,
+                image_flops / 1e9)
     spikes = LossSpikeDetector(cfg.train.loss_spike_window, cfg.train.loss_spike_threshold)
     anomalies = AnomalyLog(output_dir, env.rank)
     student_groups = {
@@ -248,7 +263,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
         if strategy == "none" and env.world_size > 1:
             parallel.average_gradients(student_groups, env)
-        backbone_frozen = freeze_backbone_grads(model, cfg, iteration)  # head-only warm-up
+        backbone_frozen = freeze_backbone_grads(model, cfg.train.head_warmup_iters, iteration)  # head-only warm-up
 
         # --- gradient clipping, per student submodule as the official trainer ---
         if scaler is not None:
@@ -318,16 +333,17 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         last = iteration == max_iter - 1
         stopped = preemption is not None and preemption.should_stop(env)
         if (iteration + 1) % cfg.train.checkpoint_period == 0 or last or stopped:
-            save_training_state(model, optimizer, scaler, iteration, skipped_images_total, cfg, env)
+            save_training_state(model, optimizer, scaler, iteration, skipped_images_total, output_dir,
+                                cfg.train.max_to_keep, env)
         export_now = (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or last
         gather = export_now and (sharded or env.is_main)  # a collective under FSDP, rank 0's business otherwise
         teacher_state = gather_teacher_state(model, sharded) if gather else {}
         if env.is_main and export_now:
             export_teacher(teacher_state, output_dir, iteration)
             if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
-                knn = evaluate_knn(knn_backbone(model, teacher_state, cfg, device, sharded),
-                                   cfg.evaluation.knn_train_dataset,
-                                   cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
+                backbone = knn_backbone(model, teacher_state, cfg.student, cfg.crops.global_crops_size, device, sharded)
+                knn = evaluate_knn(backbone, cfg.evaluation.knn_train_dataset, cfg.evaluation.knn_val_dataset,
+                                   image_size=cfg.crops.global_crops_size)
                 logger.info("kNN top-1 at iteration %d: %s", iteration, knn["top1"])
                 metrics.update(iteration, {f"knn_top1_k{k}": v for k, v in knn["top1"].items()})
         if stopped:

@@ -44,8 +44,8 @@ def test_official_override_file_loads_unchanged(tmp_path):
     cfg = load_config(path)
     assert cfg.student.ffn_layer == "swiglufused" and cfg.train.centering == "sinkhorn_knopp"
     assert cfg.crops.local_crops_size == 98 and cfg.ibot.separate_head
-    # lr scaling rule: 2e-4 * sqrt(32 * 96 / 1024) = 3.464e-4 (spec 4.1)
-    assert scaled_lr(cfg, world_size=96) == pytest.approx(3.464e-4, rel=1e-3)
+    # lr scaling rule: 2e-4 * sqrt(32 * 96 / 1024) = 3.464e-4
+    assert scaled_lr(cfg.optim, total_batch=cfg.train.batch_size_per_gpu * 96) == pytest.approx(3.464e-4, rel=1e-3)
 
 
 def test_dotlist_overrides_win_over_file(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dinov2.config import load_config
+from dinov2.config import load_config, scaled_lr
 from dinov2.train.schedules import CosineSchedule, build_schedules
 
 
@@ -27,7 +27,8 @@ def test_cosine_schedule_equals_official_array(warmup, freeze):
 
 def test_default_schedules_at_known_iterations():
     cfg = load_config()
-    s = build_schedules(cfg, world_size=16)  # 64 x 16 = 1024 images: lr = base_lr
+    peak_lr = scaled_lr(cfg.optim, total_batch=64 * 16)  # 1024 images: lr = base_lr
+    s = build_schedules(cfg.optim, cfg.teacher, cfg.train.OFFICIAL_EPOCH_LENGTH, peak_lr)
     assert s.lr(0) == 0.0
     assert s.lr(12499) == pytest.approx(0.004)  # last warm-up point is the peak
     assert s.lr(12500) == pytest.approx(0.004)  # first cosine point is the peak too
