@@ -45,9 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dinov2.config import load_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
-from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
-from dinov2.train.train import train  # noqa: E402
+from dinov2.train.train import build_student_teacher, train  # noqa: E402
 
 TUX_ROOT = Path("/usr/share/tuxpaint/stamps")
 IMAGE_PX = 64
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, training_overrides(root / "ssl", root / "run", args.iters) + args.overrides)
         setup_logging(root / "run", True, 0)
         torch.manual_seed(cfg.train.seed)
-        random_backbone = StudentTeacher(cfg).teacher["backbone"]
+        random_backbone = build_student_teacher(cfg).teacher["backbone"]
         knn = (root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20))
         correct_before = evaluate_knn(random_backbone, *knn, per_image=True)["correct"]
         t_train = time.perf_counter()
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t_train
         state = torch.load(sorted((root / "run" / "checkpoints").glob("iter_*"))[-1] / "state.pth",
                            weights_only=True)
-        trained = StudentTeacher(cfg)
+        trained = build_student_teacher(cfg)
         trained.load_state_dict(state["model"])
         correct_after = evaluate_knn(trained.teacher["backbone"], *knn, per_image=True)["correct"]
         records = [json.loads(line) for line in (root / "run" / "training_metrics.json").read_text().splitlines()]

@@ -32,9 +32,8 @@ from bench.backbone import matmul_peak, sync  # noqa: E402
 from dinov2.config import load_config  # noqa: E402
 from dinov2.data.collate import collate_crops  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
-from dinov2.models.student_teacher import StudentTeacher  # noqa: E402
 from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups  # noqa: E402
-from dinov2.train.train import flops_per_image  # noqa: E402
+from dinov2.train.train import build_student_teacher, flops_per_image  # noqa: E402
 
 
 def bench_config(quick: bool, batch: int):
@@ -80,7 +79,7 @@ def make_batch(cfg, batch: int, seed: int = 0) -> dict:
 def run_precision(cfg, batch: dict, device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> dict:
     """Seconds per step (median of ``iters`` timed steps) and the loss values seen, for one autocast dtype."""
     torch.manual_seed(0)
-    model = StudentTeacher(cfg).to(device).train()
+    model = build_student_teacher(cfg).to(device).train()
     groups = {name: [p for p in m.parameters() if p.requires_grad] for name, m in model.student.items()}
     optimizer = build_optimizer(
         build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
@@ -113,7 +112,7 @@ def run_precision(cfg, batch: dict, device: torch.device, dtype: torch.dtype, wa
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "losses": losses, "flops": flops_per_image(model, cfg, device)}
+    return {"seconds": statistics.median(times), "losses": losses, "flops": flops_per_image(model, cfg.crops, device)}
 
 
 def main(argv: list[str] | None = None) -> int:

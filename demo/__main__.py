@@ -79,14 +79,14 @@ def knn_table(weights: dict[str, Path | None]) -> dict[str, float]:
 
     from dinov2.config import load_config
     from dinov2.eval.knn import evaluate_knn
-    from dinov2.models.student_teacher import StudentTeacher
+    from dinov2.train.train import build_student_teacher
     from dinov2.weights import load_backbone
 
     out = {}
     for name, path in weights.items():
         if path is None:
             torch.manual_seed(0)
-            model = StudentTeacher(load_config(str(TRAIN_CONFIG), [])).teacher["backbone"]
+            model = build_student_teacher(load_config(str(TRAIN_CONFIG), [])).teacher["backbone"]
         else:
             model = load_backbone(path)
         out[name] = evaluate_knn(model, DATA / "knn_train", DATA / "eval", image_size=64, ks=(20,))["top1"]["20"]

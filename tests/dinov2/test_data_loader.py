@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dinov2.config import CropsConfig, IbotConfig, TrainSection
+from dinov2.data import build_train_loader
 from dinov2.data.augment import MultiCropAugmentation
 from dinov2.data.loader import DecodeError, RankSampleStream, decode_image, make_train_loader
 from dinov2.data.sources import ImageFolderSource
@@ -180,26 +182,17 @@ def test_decode_image_reasons_and_bounds():
     assert len(np.unique(decoded[..., 0])) > 200 and decoded.min() == 0 and decoded.max() == 255
 
 
-def test_build_train_loader_from_a_train_config(image_dir):
-    config = pytest.importorskip("dinov2.config")
-    from types import SimpleNamespace
-
-    from dinov2.data import build_train_loader
-
-    cfg = config.TrainConfig()
-    cfg.train.dataset_path = str(image_dir)
-    cfg.train.batch_size_per_gpu = 2
-    cfg.train.num_workers = 0
-    cfg.student.patch_size = 8
-    cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number = 32, 16, 0
-    env = SimpleNamespace(rank=1, world_size=2, device=torch.device("cpu"))
-    loader = build_train_loader(cfg, env, start_batch=4)
+def test_build_train_loader_from_config_sections(image_dir):
+    train = TrainSection(dataset_path=str(image_dir), batch_size_per_gpu=2, num_workers=0)
+    crops = CropsConfig(global_crops_size=32, local_crops_size=16, local_crops_number=0)
+    loader = build_train_loader(train, crops, IbotConfig(), patch_size=8, rank=1, world_size=2, start_batch=4)
     batch = next(iter(loader))
     assert batch["batch_index"] == 4 and batch["collated_global_crops"].shape == (4, 3, 32, 32)
     assert batch["collated_local_crops"].shape == (0, 3, 16, 16)
+    assert batch["collated_masks"].shape == (4, 4 * 4)  # the mask grid follows patch_size
     assert loader.loader_state() == {
         "next_batch": 5,
-        "seed": cfg.train.seed,
+        "seed": train.seed,
         "rank": 1,
         "world_size": 2,
         "batch_size": 2,

@@ -22,7 +22,6 @@ import torch
 
 from dinov2.config import load_config
 from dinov2.distributed.env import DistEnv
-from dinov2.models.student_teacher import StudentTeacher
 from dinov2.train.checkpoint import (
     COMMIT_MARKER,
     capture_rng_state,
@@ -34,7 +33,7 @@ from dinov2.train.checkpoint import (
 )
 from dinov2.train.optim import build_optimizer, build_param_groups
 from dinov2.train.state import restore_training_state
-from dinov2.train.train import train
+from dinov2.train.train import build_student_teacher, train
 from dinov2.weights import load_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +105,7 @@ def losses(out: Path) -> list[float]:
 def plain_state(path: Path, data: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model and optimizer tensors read back in this (world-1, no process group) process."""
     cfg = load_config(None, tiny_overrides(data, path, MAX_ITER, "none"))
-    model = StudentTeacher(cfg)
+    model = build_student_teacher(cfg)
     groups = build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
     restore_training_state(path, model, optimizer, None, DistEnv())

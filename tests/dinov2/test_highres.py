@@ -12,9 +12,8 @@ from PIL import Image
 from dinov2.config import ConfigError, load_config
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
-from dinov2.models.student_teacher import StudentTeacher
 from dinov2.train.highres import init_phase_from
-from dinov2.train.train import train
+from dinov2.train.train import build_student_teacher, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,8 +66,8 @@ def low_res_run(images, tmp_path_factory) -> Path:
 
 def test_phase_resizes_pos_embed_and_carries_heads_and_centers(images, low_res_run, tmp_path):
     cfg = load_config(None, tiny(images, tmp_path, 112, 3, f"train.init_from={low_res_run}"))
-    model = StudentTeacher(cfg)
-    assert init_phase_from(model, cfg)
+    model = build_student_teacher(cfg)
+    assert init_phase_from(model, cfg.train)
     old = load_state(low_res_run, 2)  # the newest committed checkpoint of the run
     new = model.state_dict()
     for role in ("student", "teacher"):
@@ -94,7 +93,8 @@ def test_phase_trains_with_finite_loss_and_8x8_masks(images, low_res_run, phase_
     out, summary = phase_run
     assert summary["iteration"] == 2 and all(np.isfinite(summary["losses"]))
     cfg = load_config(None, tiny(images, out, 112, 3, f"train.init_from={low_res_run}"))
-    batch = next(iter(build_train_loader(cfg, DistEnv.from_environment(), start_batch=0)))
+    loader = build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)
+    batch = next(iter(loader))
     assert batch["collated_global_crops"].shape[-2:] == (112, 112)
     assert batch["collated_masks"].shape == (2 * 2, 8 * 8)  # mask grid follows global_crops_size // patch_size
     # The phase is a new run: its own iteration counter, and the optimizer starts empty (step 1 after one update).
@@ -118,7 +118,8 @@ def test_fresh_heads_and_head_warmup_keep_backbone_frozen(images, low_res_run, t
     hub = low_res_run / "eval" / "training_2" / "teacher_backbone_hub.pth"  # a backbone-only release file
     extra = (f"train.init_from={hub}", "train.init_heads=fresh", "train.head_warmup_iters=2")
     cfg = load_config(None, tiny(images, tmp_path, 112, 3, *extra))
-    reference = StudentTeacher(load_config(None, tiny(images, tmp_path / "unused", 112, 3)))  # same seed: fresh heads
+    # same seed: fresh heads
+    reference = build_student_teacher(load_config(None, tiny(images, tmp_path / "unused", 112, 3)))
     summary = train(cfg, DistEnv.from_environment())
     assert all(np.isfinite(summary["losses"]))
     released = torch.load(hub, weights_only=True)
@@ -134,21 +135,21 @@ def test_fresh_heads_and_head_warmup_keep_backbone_frozen(images, low_res_run, t
     assert not torch.equal(after["student.backbone.blocks.0.attn.qkv.weight"], expected["blocks.0.attn.qkv.weight"])
     # The heads started from the new initialisation, not from the 56 px run's trained heads.
     assert torch.equal(reference.state_dict()["teacher.dino_head.mlp.0.bias"],
-                       StudentTeacher(cfg).state_dict()["teacher.dino_head.mlp.0.bias"])
+                       build_student_teacher(cfg).state_dict()["teacher.dino_head.mlp.0.bias"])
 
 
 def test_backbone_file_needs_fresh_heads(images, low_res_run, tmp_path):
     hub = low_res_run / "eval" / "training_2" / "teacher_backbone_hub.pth"
     cfg = load_config(None, tiny(images, tmp_path, 112, 1, f"train.init_from={hub}"))
     with pytest.raises(ValueError, match="init_heads=fresh"):
-        init_phase_from(StudentTeacher(cfg), cfg)
+        init_phase_from(build_student_teacher(cfg), cfg.train)
 
 
 def test_head_mismatch_and_bad_keys_are_clear_errors(images, low_res_run, tmp_path):
     cfg = load_config(None, tiny(images, tmp_path, 112, 1, f"train.init_from={low_res_run}",
                                  "dino.head_n_prototypes=32"))
     with pytest.raises(ValueError, match="heads .* do not match"):
-        init_phase_from(StudentTeacher(cfg), cfg)
+        init_phase_from(build_student_teacher(cfg), cfg.train)
     with pytest.raises(ConfigError, match="train.init_heads"):
         load_config(None, ["train.init_heads=random"])
     with pytest.raises(ConfigError, match="train.init_from"):

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
-from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
 
 STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9
@@ -121,12 +120,13 @@ def test_objective_equals_reference_over_steps(image_folder, tmp_path, centering
     ]
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
-    ours = StudentTeacher(cfg)
+    ours = StudentTeacher(cfg.student, cfg.dino, cfg.ibot, img_size=cfg.crops.global_crops_size,
+                          n_local_crops=cfg.crops.local_crops_number, centering=cfg.train.centering)
     reference = ReferenceStep(copy.deepcopy(ours), cfg)
     ours.train()
     reference.model.train()
     optimizers = [torch.optim.SGD(m.student.parameters(), lr=0.1) for m in (ours, reference.model)]
-    loader = iter(build_train_loader(cfg, DistEnv(), start_batch=0))
+    loader = iter(build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1))
 
     for step, (temp, momentum) in enumerate([(0.04, 0.9), (0.05, 0.8), (0.06, 0.9), (0.07, 0.7)]):
         batch = next(loader)

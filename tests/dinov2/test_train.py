@@ -14,7 +14,7 @@ from dinov2.config import load_config
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
 from dinov2.models.student_teacher import StudentTeacher
-from dinov2.train.train import NonFiniteLossError, train
+from dinov2.train.train import NonFiniteLossError, build_student_teacher, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,9 +34,10 @@ def tiny_overrides(data: Path, out: Path, max_iter: int) -> list[str]:
 
 def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path):
     cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 1) + ["ibot.separate_head=true"])
-    model = StudentTeacher(cfg)
+    model = build_student_teacher(cfg)
     model.train()
-    batch = next(iter(build_train_loader(cfg, DistEnv.from_environment(), start_batch=0)))
+    loader = build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)
+    batch = next(iter(loader))
     losses = model(batch, teacher_temp=0.04)
     assert {"dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss"} <= set(losses)
     losses["total_loss"].backward()

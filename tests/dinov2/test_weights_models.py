@@ -165,7 +165,7 @@ def test_inferred_hub_defaults():
 
 def test_our_training_checkpoint_teacher_and_student(tmp_path):
     from dinov2.config import load_config
-    from dinov2.models.student_teacher import StudentTeacher
+    from dinov2.train.train import build_student_teacher
 
     overrides = [
         "student.arch=vit_custom", "student.embed_dim=64", "student.depth=2", "student.num_heads=1",
@@ -174,7 +174,7 @@ def test_our_training_checkpoint_teacher_and_student(tmp_path):
         "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.separate_head=true",
         "ibot.head_n_prototypes=16", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
     ]  # fmt: skip
-    model = StudentTeacher(load_config(overrides=overrides))
+    model = build_student_teacher(load_config(overrides=overrides))
     torch.manual_seed(0)
     with torch.no_grad():
         for param in model.student.parameters():
