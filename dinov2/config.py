@@ -21,7 +21,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "trai
 
 DTYPES = ("fp32", "fp16", "bf16")
 SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
-PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")  # train.strategy, see dinov2/parallel.py
+PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")  # train.strategy, see dinov2/distributed/parallel.py
 
 
 class ConfigError(ValueError):
@@ -144,15 +144,15 @@ class TrainSection:
     nonfinite_policy: str = "skip"  # skip | abort: what a NaN/inf loss or grad norm does
     max_consecutive_nonfinite: int = 3  # abort after this many non-finite steps in a row
     # a loss this many robust std devs above the median of the last loss_spike_window steps is logged with its batch
-    # keys to logs/anomalies.jsonl (0 disables; logging only, see dinov2/anomaly.py)
+    # keys to logs/anomalies.jsonl (0 disables; logging only, see dinov2/train/anomaly.py)
     loss_spike_threshold: float = 8.0
     loss_spike_window: int = 100
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resume checks
     max_iter: int = -1  # stop after this many iterations (-1: optim.epochs * OFFICIAL_EPOCH_LENGTH)
     tensorboard: bool = False  # also log to TensorBoard (JSON lines are always written)
-    # auto | fsdp | ddp | none; auto: none at world size 1, else fsdp on CUDA and ddp on CPU (dinov2/parallel.py)
+    # auto | fsdp | ddp | none; auto: none at world size 1, else fsdp on CUDA, ddp on CPU (distributed/parallel.py)
     strategy: str = "auto"
-    # Phase start (e.g. the 518 px adaptation, dinov2/highres.py), used only while output_dir has no checkpoint:
+    # Phase start (e.g. the 518 px adaptation, dinov2/train/highres.py), used only while output_dir has no checkpoint:
     # a run's output dir (its newest checkpoint), a checkpoint dir/file, or a backbone file in any supported layout.
     init_from: str = ""
     init_heads: str = "checkpoint"  # checkpoint | fresh: heads and loss centers from init_from, or newly initialised

@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         model.load_state_dict(weights.get("model", weights))
         logger.info("initialised the whole model from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
     strategy = parallel.resolve_strategy(cfg.train.strategy, env, device)
-    # the optimizer must see sharded params
+    # wrapped before the optimizer is built: it must see the sharded parameters
     forward_model = parallel.wrap_student_teacher(model, strategy, cfg.compute_precision, env, device)
     sharded = parallel.is_sharded(model)
     seed_everything(cfg.train.seed + env.rank)  # per-rank streams (stochastic depth) from here on
