@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dinov2.data.augment import MultiCropAugmentation
 from dinov2.data.collate import SAMPLE_INDEX_KEY, SAMPLE_KEY_KEY, SKIPS_KEY, collate_crops
 from dinov2.data.masking import MaskingGenerator, official_max_num_patches
+from dinov2.data.remote import is_remote, open_remote_source
 from dinov2.data.sources import ImageSource, open_source
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default bound, made explicit and turned into an error
@@ -248,6 +249,9 @@ class TrainBatchDataset(Dataset):
     def __getitem__(self, batch_number: int) -> dict[str, Any]:
         """Batch ``b``: collated samples ``[b*B, (b+1)*B)`` (keys of :func:`collate_crops`, plus ``batch_index``)."""
         first = batch_number * self.batch_size
+        prefetch = getattr(self.source, "prefetch", None)
+        if prefetch is not None:  # remote shards: fetch the batch's images concurrently (same bytes, sooner)
+            prefetch([self.stream.index(s) for s in range(first, first + self.batch_size)])
         samples = [self.make_sample(s) for s in range(first, first + self.batch_size)]
         batch = collate_crops(
             samples,
@@ -377,7 +381,8 @@ def make_train_loader(
     """Build the training stream of one rank.
 
     Args:
-        source: an :class:`ImageSource` or a spec string for :func:`open_source`.
+        source: an :class:`ImageSource`, a spec string for :func:`open_source`, or an fsspec URL spec of ``.tar``
+            shards (``s3://``, ``gs://``, ``https://`` ..., see :mod:`dinov2.data.remote`).
         batch_size: images per batch on this rank.
         augmentation: the multi-crop augmentation (its global crop size sets the mask grid).
         patch_size: ViT patch size; the mask grid is ``global_crops_size // patch_size`` square.
@@ -399,7 +404,7 @@ def make_train_loader(
         The :class:`TrainLoader`.
     """
     if isinstance(source, str):
-        source = open_source(source)
+        source = open_remote_source(source) if is_remote(source) else open_source(source)
     global_size = augmentation.global_crops_size
     if global_size % patch_size:
         raise ValueError(f"global_crops_size={global_size} is not a multiple of patch_size={patch_size}")

@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -183,10 +183,11 @@ class TarShardSource:
         return data
 
 
-def _scan_shard(path: str) -> list[tuple[str, int, int]]:
-    """(key, data offset, size) of each sample's image member in one uncompressed tar."""
+def _scan_shard(path: str, fileobj: IO[bytes] | None = None) -> list[tuple[str, int, int]]:
+    """(key, data offset, size) of each sample's image member in one uncompressed tar (read from `fileobj` when
+    given, e.g. a remote shard; `path` then only names it in errors)."""
     try:
-        tar = tarfile.open(path, mode="r:")
+        tar = tarfile.open(path, mode="r:") if fileobj is None else tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.ReadError as exc:
         raise ValueError(f"{path}: not an uncompressed tar archive ({exc}); random access needs plain .tar") from exc
     images: dict[str, dict[str, tuple[int, int]]] = {}
