@@ -133,9 +133,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2-block model, 1 timed iteration")
     parser.add_argument("--batch", type=int, default=None, help="images per single-crop step")
     parser.add_argument("--multi-batch", type=int, default=None, help="images per multi-crop step (2+8 crops each)")
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="all = CPU, then CUDA if any")
     args = parser.parse_args()
     args.iters, args.warmup = (1, 1) if args.quick else (3, 1)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if args.device in ("all", d.type)]
     depth = 2 if args.quick else 12
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices: {[str(d) for d in devices]}")
     results = []

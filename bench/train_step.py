@@ -36,10 +36,11 @@ from dinov2.train.optim import apply_schedules, build_optimizer, build_param_gro
 from dinov2.train.train import build_student_teacher, flops_per_image  # noqa: E402
 
 
-def bench_config(quick: bool, batch: int):
-    """ViT-S/14 with the official ViT-S/14 recipe's heads and crops (``configs/train/ssl_default.yaml`` otherwise)."""
+def bench_config(quick: bool, batch: int, arch: str = "vit_small"):
+    """ViT-S/14 (or ``arch``) with the official recipe's heads and crops (``configs/train/ssl_default.yaml``
+    otherwise)."""
     overrides = [
-        "student.arch=vit_small",
+        f"student.arch={arch}",
         "student.patch_size=14",
         "student.drop_path_rate=0.1",
         "crops.global_crops_size=224",
@@ -121,14 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="images per step (default 4; 2 with --quick)")
     parser.add_argument("--iters", type=int, default=0, help="timed steps (default 3; 1 with --quick)")
     parser.add_argument("--precisions", default="", help="comma list of fp32,bf16 (default: both)")
+    parser.add_argument("--arch", default="vit_small", choices=["vit_small", "vit_base", "vit_large", "vit_giant2"])
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="all = CPU, then CUDA if any")
     args = parser.parse_args(argv)
     batch_size = args.batch or (2 if args.quick else 4)
     iters = args.iters or (1 if args.quick else 3)
-    cfg = bench_config(args.quick, batch_size)
+    cfg = bench_config(args.quick, batch_size, args.arch)
     batch = make_batch(cfg, batch_size)
 
     rows = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if args.device in ("all", d.type)]
     for device in devices:
         names = args.precisions.split(",") if args.precisions else (["fp32", "bf16"])
         for name in names:
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             finite = all(math.isfinite(v) for v in result["losses"])
             rows.append((device.type, name, batch_size, result["seconds"], images_per_s, result["flops"] / 1e9,
                          achieved, peak, peak_n, achieved / peak if peak else float("nan"), finite))
-    arch = "ViT-S/14 2-block (quick)" if args.quick else "ViT-S/14"
+    arch = f"{args.arch}/14 2-block (quick)" if args.quick else f"{args.arch}/14"
     print(f"\nOne SSL step: {arch}, {batch_size} images x (2 x 224 + 8 x 98 crops), DINO+iBOT+KoLeo, "
           f"{cfg.dino.head_n_prototypes} prototypes; torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"{'device':<6} {'prec':<5} {'batch':>5} {'s/step':>8} {'img/s':>8} {'GFLOP/img':>10} "

@@ -90,13 +90,14 @@ def finish_cluster(ctx: StageContext, table: pa.Table) -> dict:
         k = min(cfg.n_clusters, n)
         res = spherical_kmeans(pool, k, iterations=cfg.iterations, init=cfg.init, seed=[ctx.cfg.seed, 1, 0],
                                max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
-                               tag="level1_step0")
-        labels, sims = assign(pool, res.centroids)
+                               tag="level1_step0", device=cfg.device)
+        labels, sims = assign(pool, res.centroids, device=cfg.device)
         levels = [Level(res.centroids, labels, sims, 0, float(np.sum(1.0 - sims.astype(np.float64))))]
     else:
         levels = hierarchical_kmeans(pool, cfg.levels, iterations=cfg.iterations, init=cfg.init, seed=ctx.cfg.seed,
                                      resample_steps=cfg.resample_steps, resample_size=cfg.resample_size,
-                                     max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt)
+                                     max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
+                                     device=cfg.device)
     write_level(out, levels[0])
     if cfg.mode == "hierarchical":
         for li, level in enumerate(levels, start=1):

@@ -4,6 +4,11 @@ resampling (Vo et al. 2024, ssl-data-curation: ideas only) and balanced hierarch
 Every random choice goes through a seeded `numpy.random.Generator`; a k-means run can checkpoint its centroids,
 iteration and RNG state after each iteration and resume from them bitwise-identically (same faiss thread count).
 Shapes: n points, d dims, k clusters.
+
+`device` (auto / cpu / gpu, see `data_pipeline.core.faiss_gpu`): the nearest-centroid assignment, which is where
+Lloyd iterations spend their time, runs on every GPU (centroids replicated, points split) when GPUs are used; the
+seeding and centroid updates stay on the CPU. GPU and CPU labels agree except for points within float32 rounding
+of two centroids, so centroids agree to ~1e-5 rather than bitwise.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import faiss
 import numpy as np
 import scipy.sparse
 
-from data_pipeline.core import artifacts
+from data_pipeline.core import artifacts, faiss_gpu
 
 BLOCK = 65536
 INITS = ("kmeans++", "afkmc2", "random")
@@ -49,18 +54,23 @@ def load_normalized(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def assign(x: np.ndarray, centroids: np.ndarray, block: int = BLOCK,
+           device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product, block by block.
 
     Args:
         x: [n, d] vectors (any float dtype, memmap allowed); rows are L2-normalised per block.
         centroids: float32 [k, d] unit rows.
+        device: auto, cpu or gpu (faiss GPUs).
 
     Returns:
         labels int64 [n] and cosine similarities float32 [n] to the assigned centroid.
     """
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    cent = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(cent.shape[1])
+    if faiss_gpu.use_gpu(device):
+        index = faiss_gpu.to_gpus(index, cent.nbytes)
+    index.add(cent)
     n = len(x)
     labels = np.empty(n, dtype=np.int64)
     sims = np.empty(n, dtype=np.float32)
@@ -232,6 +242,7 @@ def spherical_kmeans(
     checkpoint: Checkpointer | None = None,
     tag: str = "kmeans",
     afkmc2_chain: int = 50,
+    device: str = "auto",
 ) -> KMeansResult:
     """Lloyd's algorithm on the unit sphere: assign by inner product (faiss IndexFlatIP), centroid = normalised mean.
 
@@ -243,6 +254,7 @@ def spherical_kmeans(
         seed: numpy Generator seed (an int or a sequence, e.g. [seed, level, step]).
         max_points_per_centroid: train on a seeded sample of at most this many points per centroid (0 = all).
         checkpoint: where to save/resume `tag` after the seeding and after every iteration.
+        device: where the assignment step runs (auto, cpu, gpu).
 
     Returns:
         A KMeansResult (objective covers only the iterations run in this call).
@@ -273,7 +285,7 @@ def spherical_kmeans(
             checkpoint.save(tag, cent, 0, rng)
     result = KMeansResult(cent)
     for it in range(start, iterations):
-        labels, sims = assign(xt, cent)
+        labels, sims = assign(xt, cent, device=device)
         result.objective.append(float(np.sum(1.0 - sims.astype(np.float64))))
         cent, reseeded = _update(xt, labels, sims, k)
         result.reseeded += reseeded
@@ -328,6 +340,7 @@ def hierarchical_kmeans(
     resample_size: int = 0,
     max_points_per_centroid: int = 0,
     checkpoint: Checkpointer | None = None,
+    device: str = "auto",
 ) -> list[Level]:
     """Bottom-up hierarchical k-means with resampling (spec §2.2).
 
@@ -348,8 +361,8 @@ def hierarchical_kmeans(
         tag = f"level{li}"
         res = spherical_kmeans(inputs, k, iterations=iterations, init=init, seed=[seed, li, 0],
                                max_points_per_centroid=max_points_per_centroid, checkpoint=checkpoint,
-                               tag=f"{tag}_step0")
-        labels, sims = assign(inputs, res.centroids)
+                               tag=f"{tag}_step0", device=device)
+        labels, sims = assign(inputs, res.centroids, device=device)
         r = resample_size if resample_size > 0 else int(round(n_in / k / 2))
         done = 0
         for step in range(1, resample_steps + 1):
@@ -359,8 +372,9 @@ def hierarchical_kmeans(
             if len(proxy) < k:
                 break
             res = spherical_kmeans(load_normalized(inputs, proxy), k, iterations=iterations, init=init,
-                                   seed=[seed, li, step], checkpoint=checkpoint, tag=f"{tag}_step{step}")
-            labels, sims = assign(inputs, res.centroids)
+                                   seed=[seed, li, step], checkpoint=checkpoint, tag=f"{tag}_step{step}",
+                                   device=device)
+            labels, sims = assign(inputs, res.centroids, device=device)
             done = step
         objective = float(np.sum(1.0 - sims.astype(np.float64)))
         out.append(Level(res.centroids, labels, sims, r if done else 0, objective))

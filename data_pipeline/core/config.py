@@ -16,6 +16,7 @@ EXECUTOR_KINDS = ("local", "slurm")
 EMBEDDER_KINDS = ("torchscript", "dinov2")
 EMBED_DEVICES = ("auto", "cpu", "cuda")
 KNN_INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+FAISS_DEVICES = ("auto", "cpu", "gpu")
 CLUSTER_MODES = ("kmeans", "hierarchical")
 CLUSTER_INITS = ("kmeans++", "afkmc2", "random")
 RETRIEVAL_MODES = ("as_is", "sample", "cluster")
@@ -140,8 +141,11 @@ class CopyDedupConfig:
     audit_high: float = 0.65
     audit_pairs: int = 200
     threads: int = 2
+    device: str = "auto"  # faiss GPUs when present (auto), or cpu / gpu; decontaminate searches the same way
 
     def __post_init__(self) -> None:
+        if self.device not in FAISS_DEVICES:
+            raise ValueError(f"copy_dedup.device must be one of {list(FAISS_DEVICES)}, got {self.device!r}")
         if self.index not in KNN_INDEX_KINDS:
             raise ValueError(f"copy_dedup.index must be one of {list(KNN_INDEX_KINDS)}, got {self.index!r}")
         if self.k < 1:
@@ -177,8 +181,11 @@ class ClusterConfig:
     balanced_size: int = 0
     max_points_per_centroid: int = 256
     threads: int = 2
+    device: str = "auto"  # k-means assignment on faiss GPUs when present (auto), or cpu / gpu
 
     def __post_init__(self) -> None:
+        if self.device not in FAISS_DEVICES:
+            raise ValueError(f"cluster.device must be one of {list(FAISS_DEVICES)}, got {self.device!r}")
         if self.mode not in CLUSTER_MODES:
             raise ValueError(f"cluster.mode must be one of {list(CLUSTER_MODES)}, got {self.mode!r}")
         if self.init not in CLUSTER_INITS:

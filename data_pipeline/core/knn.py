@@ -8,6 +8,9 @@ per vector).
 Every similarity returned is recomputed exactly from the stored vectors (`exact_scores`), whatever index produced the
 candidates, and rows are ordered by (similarity desc, index asc). So the same pair gets the same float32 score from
 any index kind and from either endpoint, and outputs are deterministic for a fixed thread count and seed.
+
+With `device` auto (GPUs present) or gpu, indexes are built and searched on every GPU (`faiss_gpu`): the candidates
+come from the GPUs, the scores are still the CPU's exact ones (see `faiss_gpu` for what can differ).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from data_pipeline.core import faiss_gpu
 
 KINDS = ("auto", "flat", "ivf", "ivfpq")
 # Upper bound on the float32 buffer the re-rank gathers at once ([queries, candidates, d]).
@@ -39,6 +44,7 @@ class KnnParams:
         seed: seeds the IVF training sample and Faiss k-means.
         query_block: queries searched at once.
         base_block: base vectors per flat index in `exact_search`.
+        device: auto (faiss GPUs when present), cpu or gpu.
     """
 
     index: str = "auto"
@@ -51,8 +57,11 @@ class KnnParams:
     seed: int = 0
     query_block: int = 4096
     base_block: int = 1 << 18
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.device not in faiss_gpu.DEVICES:
+            raise ValueError(f"knn device must be one of {list(faiss_gpu.DEVICES)}, got {self.device!r}")
         if self.index not in KINDS:
             raise ValueError(f"knn index must be one of {list(KINDS)}, got {self.index!r}")
         if min(self.nprobe, self.pq_m, self.threads, self.query_block, self.base_block) < 1 or self.nlist < 0:
@@ -147,11 +156,14 @@ def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = No
     p = _as_params(params if params is not None else KnnParams())
     faiss.omp_set_num_threads(p.threads)
     n, m = base.shape[0], queries.shape[0]
+    gpu = faiss_gpu.use_gpu(p.device)
     best_s = np.full((m, k), -np.inf, np.float32)
     best_i = np.full((m, k), -1, np.int64)
     for bs in range(0, n, p.base_block):
         block = _f32(base[bs : bs + p.base_block])
         index = faiss.IndexFlatIP(base.shape[1])
+        if gpu:
+            index = faiss_gpu.to_gpus(index, block.nbytes)
         index.add(block)
         kk = min(k, block.shape[0])
         for qs in range(0, m, p.query_block):
@@ -173,7 +185,8 @@ class Searcher:
     Attributes:
         kind: flat, ivf or ivfpq.
         nlist: IVF lists (0 for flat).
-        index: the Faiss index.
+        index: the Faiss index (on the GPUs when `gpu`).
+        gpu: whether the index lives on GPUs.
     """
 
     def __init__(self, base: np.ndarray, params: Any, index: faiss.Index | None = None) -> None:
@@ -182,10 +195,11 @@ class Searcher:
         self.params = _as_params(params)
         n, d = base.shape
         self.kind = resolve_kind(n, self.params)
+        self.gpu = faiss_gpu.use_gpu(self.params.device)
         faiss.omp_set_num_threads(self.params.threads)
         if index is not None:
-            self.index = index
             self.nlist = int(getattr(faiss.try_extract_index_ivf(index), "nlist", 0)) if self.kind != "flat" else 0
+            self.index = faiss_gpu.to_gpus(index, self._filled_bytes(n, d)) if self.gpu else index
             self._set_nprobe()
             return
         self.nlist = 0
@@ -193,12 +207,27 @@ class Searcher:
             self.index = faiss.IndexFlatIP(d)
         else:
             self.index = self._train_ivf(base)
+        if self.gpu:  # trained (IVF) or empty (flat) on the CPU, filled on the GPUs
+            self.index = faiss_gpu.to_gpus(self.index, self._filled_bytes(n, d))
+            self._set_nprobe()
         for s in range(0, n, self.params.base_block):
             self.index.add(_f32(base[s : s + self.params.base_block]))
 
+    def _filled_bytes(self, n: int, d: int) -> int:
+        """Approximate size of the filled index (vectors or PQ codes plus ids), for replicate-or-shard."""
+        per_vector = self.params.pq_m if self.kind == "ivfpq" else 4 * d
+        return n * (per_vector + (8 if self.kind != "flat" else 0))
+
     def _set_nprobe(self) -> None:
         if self.kind != "flat":
-            self.index.nprobe = min(self.params.nprobe, self.nlist)
+            if self.gpu:
+                faiss_gpu.set_nprobe(self.index, min(self.params.nprobe, self.nlist))
+            else:
+                self.index.nprobe = min(self.params.nprobe, self.nlist)
+
+    def cpu_index(self) -> faiss.Index:
+        """The index in CPU form (a copy when it lives on GPUs), e.g. to serialise it."""
+        return faiss_gpu.to_cpu(self.index) if self.gpu else self.index
 
     def _train_ivf(self, base: np.ndarray) -> faiss.Index:
         n, d = base.shape
@@ -222,6 +251,10 @@ class Searcher:
             index = faiss.IndexIVFPQ(quantizer, d, self.nlist, p.pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
             index.pq.cp.seed = p.seed
         index.cp.seed = p.seed
+        if faiss_gpu.use_gpu(p.device):
+            # The coarse k-means (the expensive part of training) assigns on the GPUs; PQ training stays on the CPU.
+            self._clustering = faiss_gpu.to_gpus(faiss.IndexFlatIP(d), self.nlist * d * 4)
+            index.clustering_index = self._clustering
         index.train(train)
         self._quantizer = quantizer  # keep the Python object alive as long as the index
         self.index = index
@@ -349,7 +382,7 @@ def measure_recall(
 
 def index_to_bytes(searcher: Searcher) -> bytes:
     """Serialised Faiss index (to checkpoint an expensive IVF build)."""
-    return faiss.serialize_index(searcher.index).tobytes()
+    return faiss.serialize_index(searcher.cpu_index()).tobytes()
 
 
 def searcher_from_bytes(base: np.ndarray, params: Any, data: bytes) -> Searcher:
