@@ -81,7 +81,8 @@ def test_device_config_keys():
 
 # ------------------------------------------------------------------ GPU against CPU on the same data
 
-GPU_REASON = "faiss sees no GPU (a CPU-only faiss build, or no CUDA device)"
+GPU_REASON = ("faiss sees no GPU: a CPU-only faiss build (e.g. the offline GPU bundle, where no faiss GPU build fits "
+              "64 MiB: see .gpu_bundle/manifest.json) or no CUDA device")
 
 
 def _clustered(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
