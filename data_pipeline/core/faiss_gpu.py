@@ -33,10 +33,13 @@ def faiss_distributions(dists: Iterable[importlib.metadata.Distribution] | None 
     """
     names = set()
     for dist in dists if dists is not None else importlib.metadata.distributions():
+        name = dist.metadata["Name"] or ""
         top_level = (dist.read_text("top_level.txt") or "").split()
-        files = dist.files or []
-        if "faiss" in top_level or any(f.parts[:1] == ("faiss",) and f.name == "__init__.py" for f in files):
-            names.add(dist.metadata["Name"])
+        if "faiss" in top_level:
+            names.add(name)
+        elif "faiss" in name.lower():  # RECORD is read only for likely names: parsing every one is slow
+            if any(f.parts[:1] == ("faiss",) and f.name == "__init__.py" for f in dist.files or []):
+                names.add(name)
     return sorted(names)
 
 
