@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the longest prefix listed; data_pipeline sits above all of dinov2 (it embeds with
 # dinov2 backbones and submits through dinov2.run.slurm), and dinov2 never imports data_pipeline.
 LAYERS: list[tuple[str, ...]] = [
+    ("dinov2.io",),
     ("dinov2.config",),
     ("dinov2.data",),
     ("dinov2.layers",),

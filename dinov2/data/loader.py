@@ -20,16 +20,13 @@ seeded with ``(seed, rank, s, attempt)`` (deterministic), and the batch reports 
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import struct
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov2.data.augment import MultiCropAugmentation
@@ -37,11 +34,12 @@ from dinov2.data.collate import SAMPLE_INDEX_KEY, SAMPLE_KEY_KEY, SKIPS_KEY, col
 from dinov2.data.masking import MaskingGenerator, official_max_num_patches
 from dinov2.data.remote import is_remote, open_remote_source
 from dinov2.data.sources import ImageSource, open_source
+from dinov2.io.files import UnsafeFile
+from dinov2.io.images import DEFAULT_MAX_PIXELS, DecodeLimits, ImageRejected, decode_rgb
 
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default bound, made explicit and turned into an error
-# Decoders allowed to open training images (multi-picture JPEGs open through JPEG); others (FITS, PSD, ...) are
-# rejected, shrinking the attack surface.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+DEFAULT_MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# Kept under its old name: the loader's decode errors are the shared decoder's rejects.
+DecodeError = ImageRejected
 
 
 def derive_seed(tag: str, *values: int) -> int:
@@ -56,35 +54,14 @@ def _torch_generator(seed: int) -> torch.Generator:
     return generator
 
 
-class DecodeError(Exception):
-    """An image that could not be turned into an RGB picture; ``reason`` is a short code used for counting."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF orientation says; unchanged when there is none or it cannot be read."""
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block must not cost the image
-        return image
-    if orientation in (None, 1):
-        return image
-    try:
-        return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
-        return image
-
-
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode image bytes to an RGB PIL image (``Image.open`` + ``convert("RGB")`` as the official loader).
+    """Decode image bytes to an RGB PIL image with the shared safe decoder (:mod:`dinov2.io.images`).
 
-    Unlike the official loader, EXIF orientation is applied (phone photos would otherwise train sideways; curated
-    shards keep original bytes, EXIF included). 16-bit grayscale images are scaled to 8 bits first (``convert``
-    alone clips them to near-white).
+    Unlike the official loader (``Image.open`` + ``convert("RGB")``), EXIF orientation is applied (phone photos
+    would otherwise train sideways; curated shards keep original bytes, EXIF included), transparency is composited
+    onto white, and 16-bit, 32-bit integer and float images are mapped to 8 bits by their depth or range (``convert``
+    alone clips them to black or white). The curation pipeline decodes with the same function, so what it embeds and
+    what the trainer sees are the same pixels.
 
     Args:
         data: the encoded file.
@@ -95,31 +72,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
         A loaded RGB image.
 
     Raises:
-        DecodeError: with reason ``empty``, ``unidentified``, ``too_many_pixels``, ``truncated`` or
-            ``decode_error``.
+        DecodeError: with reason ``empty_file``, ``unsupported_format``, ``decompression_bomb``, ``truncated``,
+            ``decode_error`` or ``out_of_memory``.
     """
-    if not data:
-        raise DecodeError("empty", "zero-byte file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            if image.width * image.height > max_pixels:
-                raise DecodeError("too_many_pixels", f"{image.width}x{image.height} > {max_pixels} pixels")
-            image = _upright(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                wide = np.asarray(image, dtype=np.float64)
-                image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-            return image.convert("RGB")
-    except DecodeError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise DecodeError("unidentified", str(exc).split(" <")[0]) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError("too_many_pixels", str(exc)) from exc
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on broken files
-        reason = "truncated" if "truncated" in str(exc).lower() else "decode_error"
-        raise DecodeError(reason, f"{type(exc).__name__}: {exc}") from exc
+    return decode_rgb(data, DecodeLimits(max_pixels=max_pixels)).to_pil()
 
 
 class RankSampleStream:
@@ -217,6 +173,8 @@ class TrainBatchDataset(Dataset):
     def _load(self, index: int) -> Image.Image:
         try:
             data = self.source.read_bytes(index)
+        except UnsafeFile as exc:  # e.g. a file swapped for a FIFO after the listing, or one too large
+            raise DecodeError(exc.reason, str(exc)) from exc
         except OSError as exc:
             raise DecodeError("read_error", f"{type(exc).__name__}: {exc}") from exc
         return decode_image(data, self.max_image_pixels)

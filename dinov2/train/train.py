@@ -226,6 +226,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     loader = build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=env.rank,
                                 world_size=env.world_size, start_batch=start_iter,
                                 pin_memory=env.device.type == "cuda")
+    if checkpoint_dir is None:  # a resumed run's totals already hold what the listing left out
+        # Files the listing refused (FIFOs, broken links, cut images of a truncated shard ...) count as skipped
+        # images from the start, so the summary and the checkpoints say what the run never saw.
+        for reason, count in getattr(loader.dataset.source, "listing_skips", {}).items():
+            skipped_images_total[reason] = skipped_images_total.get(reason, 0) + int(count)
     metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
     logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", peak_lr, images_per_step,
                 image_flops / 1e9)

@@ -157,7 +157,7 @@ def test_corrupt_images_are_skipped_and_counted(image_dir):
         used_keys.update(batch["sample_keys"])
     assert not used_keys & bad_keys
     assert set(reason_of) == bad_keys
-    assert reason_of["bad/empty.jpg"] == "empty" and reason_of["bad/page.jpg"] == "unidentified"
+    assert reason_of["bad/empty.jpg"] == "empty_file" and reason_of["bad/page.jpg"] == "unsupported_format"
     assert reason_of["bad/truncated.jpg"] == "truncated"
     assert all(count >= 2 for count in totals.values()) and sum(totals.values()) >= 6
 
@@ -167,13 +167,13 @@ def test_decode_image_reasons_and_bounds():
     assert rgb.mode == "RGB" and rgb.size == (72, 64)
     with pytest.raises(DecodeError) as info:
         decode_image(b"")
-    assert info.value.reason == "empty"
+    assert info.value.reason == "empty_file"
     with pytest.raises(DecodeError) as info:
         decode_image(b"<html>not an image</html>")
-    assert info.value.reason == "unidentified"
+    assert info.value.reason == "unsupported_format"
     with pytest.raises(DecodeError) as info:
         decode_image(_encoded(2), max_pixels=1000)
-    assert info.value.reason == "too_many_pixels"
+    assert info.value.reason == "decompression_bomb"
     # 16-bit grayscale is scaled, not clipped to white by convert("RGB").
     ramp = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
     buffer = io.BytesIO()
