@@ -1,10 +1,18 @@
-"""Ingest stage: folders, `.tar`/WebDataset shards, file lists -> manifest (id, source, path/member, size, sha256)."""
+"""Ingest stage: folders, `.tar`/WebDataset shards, file lists -> manifest (id, source, path/member, size, sha256).
+
+Every entry a source names gets a row, accepted or rejected with a reason; one bad entry never stops the listing.
+Folders are walked with `dinov2.io.files.walk_folder` (no loops, each file once, FIFOs/sockets/devices never
+opened); every regular file is listed, and one without an image suffix is sniffed when its bytes are read (content
+that is no image: `not_an_image`). Paths and member names that are not UTF-8 are stored escaped
+(`dinov2.io.files.escape_name`) and unescaped by `read_item_bytes`, so nothing is lost and the manifest stays text.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -13,9 +21,21 @@ import pyarrow.parquet as pq
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig
 from data_pipeline.core.stage import Stage, StageContext, reject_counts
+from dinov2.io.files import (
+    MAX_FILE_BYTES,
+    UnsafeFile,
+    check_regular,
+    escape_name,
+    open_regular,
+    read_regular,
+    unescape_name,
+    walk_folder,
+)
+from dinov2.io.images import IMAGE_SUFFIXES, SNIFF_BYTES, sniff_format
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 LIST_COLUMNS = ("path", "uri", "url")
+# What a broken tar raises besides TarError: gzip/bz2/xz streams cut short or corrupt.
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -38,7 +58,7 @@ PLAN_SCHEMA = MANIFEST_SCHEMA.append(pa.field("mtime_ns", pa.int64()))
 
 def stable_id(source: str, locator: str) -> str:
     """16-hex id from the source spec and the item's location inside it (independent of content and run)."""
-    return hashlib.sha256(f"{source}\0{locator}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{source}\0{escape_name(locator)}".encode()).hexdigest()[:16]
 
 
 def _row(source: str, locator: str, path: str, member: str | None, nbytes: int, reason: str = "",
@@ -46,8 +66,8 @@ def _row(source: str, locator: str, path: str, member: str | None, nbytes: int, 
     return {
         "id": stable_id(source, locator),
         "source": source,
-        "path": path,
-        "member": member,
+        "path": escape_name(path),
+        "member": None if member is None else escape_name(member),
         "nbytes": nbytes,
         "sha256": "",
         "status": "rejected" if reason else "pending",
@@ -72,27 +92,54 @@ def unsafe_member_reason(info: tarfile.TarInfo) -> str:
     return ""
 
 
+class _OpenTar:
+    """A tar read through a checked regular-file handle; `close` closes both (tarfile leaves a given file open)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open_regular(path)
+        try:
+            self.tar = tarfile.open(fileobj=self.file, mode="r:*")
+        except BaseException:
+            self.file.close()
+            raise
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.close()
+
+
 def _list_tar(source: str, tar_path: Path, locator: str) -> list[dict]:
+    """Image members of one tar; a tar that cannot be read is one rejected row, a truncated one keeps what it has
+    and adds a `truncated_tar` row for what was lost after the cut."""
+    reason, st = check_regular(tar_path)
+    if reason:
+        return [_row(source, locator, str(tar_path), None, 0, "missing_file" if reason == "missing" else reason)]
+    try:
+        opened = _OpenTar(str(tar_path))
+    except _TAR_ERRORS as exc:
+        reason = "unreadable" if isinstance(exc, PermissionError) else "not_a_tar"
+        return [_row(source, locator, str(tar_path), None, st.st_size, reason, st.st_mtime_ns)]
     rows = []
-    tar_mtime = tar_path.stat().st_mtime_ns
-    with tarfile.open(tar_path, "r:*") as tf:
-        for info in tf:
+    try:
+        for info in opened.tar:
             if info.isdir() or not info.name.lower().endswith(IMAGE_SUFFIXES) and not unsafe_member_reason(info):
                 continue  # non-image members of a sample (.json, .cls) are metadata, not images
-            reason = unsafe_member_reason(info)
+            reason = unsafe_member_reason(info) or ("too_large" if info.size > MAX_FILE_BYTES else "")
             rows.append(_row(source, f"{locator}::{info.name}", str(tar_path), info.name, info.size, reason,
-                             tar_mtime))
+                             st.st_mtime_ns))
+    except _TAR_ERRORS:
+        rows.append(_row(source, locator, str(tar_path), None, st.st_size, "truncated_tar", st.st_mtime_ns))
+    finally:
+        opened.close()
     return rows
 
 
 def _list_file(source: str, locator: str, path: Path) -> list[dict]:
     if path.suffix.lower() == ".tar":
         return _list_tar(source, path, locator)
-    if path.is_symlink():
-        return [_row(source, locator, str(path), None, 0, "symlink")]
-    if not path.is_file():
-        return [_row(source, locator, str(path), None, 0, "missing_file")]
-    st = path.stat()
+    reason, st = check_regular(path)
+    if reason:
+        return [_row(source, locator, str(path), None, 0, "missing_file" if reason == "missing" else reason)]
     return [_row(source, locator, str(path), None, st.st_size, mtime_ns=st.st_mtime_ns)]
 
 
@@ -103,22 +150,29 @@ def _read_list(list_path: Path) -> list[str]:
         if col is None:
             raise ValueError(f"{list_path}: file list needs one of the columns {list(LIST_COLUMNS)}")
         return [str(v) for v in table.column(col).to_pylist() if v]
-    return [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = (os.fsdecode(raw.strip()) for raw in read_regular(list_path).splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _list_folder(source: str, root: Path) -> list[dict]:
+    rows = []
+    for entry in walk_folder(root):
+        path = Path(entry.path)
+        if entry.reason:
+            rows.append(_row(source, entry.rel, entry.path, None, 0, entry.reason))
+        elif entry.rel.lower().endswith(".tar"):
+            rows.extend(_list_tar(source, path, entry.rel))
+        else:
+            rows.append(_row(source, entry.rel, entry.path, None, entry.size, mtime_ns=entry.mtime_ns))
+    return rows
 
 
 def list_source(source: str) -> list[dict]:
     """All items of one source, in a deterministic order; unsafe or unreadable entries come back rejected."""
     root = Path(source)
     if root.is_dir():
-        rows = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                p = Path(dirpath) / fn
-                if fn.lower().endswith(IMAGE_SUFFIXES + (".tar",)):
-                    rows.extend(_list_file(source, str(p.relative_to(root)), p))
-        return rows
-    if not root.is_file():
+        return _list_folder(source, root)
+    if check_regular(root)[0]:
         raise ValueError(f"ingest.sources: {source!r} is neither a folder, a .tar, nor a file list")
     if root.suffix.lower() == ".tar":
         return _list_tar(source, root, "")
@@ -134,16 +188,41 @@ def list_source(source: str) -> list[dict]:
 
 
 def read_item_bytes(path: str, member: str | None, cache: dict | None = None) -> bytes:
-    """Bytes of a file or of a (validated) tar member; `cache` keeps tar files open within one shard."""
+    """Bytes of a file or of a (validated) tar member, as named in a manifest (escaped names are unescaped).
+
+    Only regular files are opened and every read is bounded by `MAX_FILE_BYTES`; `cache` keeps tars open within
+    one shard (its values have `close()`).
+
+    Raises:
+        UnsafeFile: not a regular file, or too large.
+        OSError, tarfile.TarError, KeyError: unreadable.
+    """
+    path = unescape_name(path)
     if member is None:
-        return Path(path).read_bytes()
+        return read_regular(path, MAX_FILE_BYTES)
     cache = {} if cache is None else cache
     if path not in cache:
-        cache[path] = tarfile.open(path, "r:*")
-    fh = cache[path].extractfile(member)
+        cache[path] = _OpenTar(path)
+    tar = cache[path].tar
+    info = tar.getmember(unescape_name(member))
+    if info.size > MAX_FILE_BYTES:
+        raise UnsafeFile("too_large", f"{path}::{member}", f"{info.size} bytes")
+    fh = tar.extractfile(info)
     if fh is None:
         raise OSError(f"tar member {member!r} is not a regular file")
     return fh.read()
+
+
+def content_reason(path: str, member: str | None, data: bytes) -> str:
+    """'' when an item may be an image; `not_an_image` when a file without an image suffix holds no image.
+
+    Files named as images go to the decoder as they are (it names what is wrong with them); anything else is
+    sniffed, so a JPEG named `.jfif` or with no extension is kept, and a text file is rejected here.
+    """
+    name = member if member is not None else path
+    if name.lower().endswith(IMAGE_SUFFIXES) or sniff_format(data[:SNIFF_BYTES]) is not None:
+        return ""
+    return "not_an_image"
 
 
 def hash_shard(cfg: CurateConfig, rows: pa.Table) -> pa.Table:
@@ -154,10 +233,15 @@ def hash_shard(cfg: CurateConfig, rows: pa.Table) -> pa.Table:
             continue
         try:
             data = read_item_bytes(r["path"], r["member"], cache)
-        except (OSError, tarfile.TarError, KeyError) as exc:
+        except UnsafeFile as exc:
+            r.update(status="rejected", reject_reason=exc.reason)
+            continue
+        except (OSError, tarfile.TarError, KeyError, EOFError, zlib.error) as exc:
             r.update(status="rejected", reject_reason=f"unreadable:{type(exc).__name__}")
             continue
-        r.update(nbytes=len(data), sha256=hashlib.sha256(data).hexdigest(), status="ok")
+        reason = content_reason(r["path"], r["member"], data)
+        r.update(nbytes=len(data), sha256=hashlib.sha256(data).hexdigest(), status="rejected" if reason else "ok",
+                 reject_reason=reason)
     for tf in cache.values():
         tf.close()
     return pa.Table.from_pylist(out, schema=MANIFEST_SCHEMA)

@@ -23,7 +23,13 @@ def test_folder_listing_recursive_sorted_and_stable(planted_src, tmp_path):
     nested.mkdir(parents=True)
     (nested / "x.png").write_bytes((src / "coins.png").read_bytes())
     (nested / "notes.txt").write_text("not an image")
-    assert [r["path"] for r in list_source(str(tmp_path / "a"))] == [str(nested / "x.png")]
+    (nested / "photo").write_bytes((src / "coins_q50.jpg").read_bytes())  # a JPEG without a suffix
+    rows = list_source(str(tmp_path / "a"))
+    # Every regular file has a row; its content decides: the suffix-less JPEG is kept, the text is rejected.
+    assert [r["path"] for r in rows] == [str(nested / n) for n in ("notes.txt", "photo", "x.png")]
+    hashed = hash_shard(CurateConfig(), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)).to_pylist()
+    assert [(r["status"], r["reject_reason"]) for r in hashed] == [("rejected", "not_an_image"), ("ok", ""),
+                                                                    ("ok", "")]
 
 
 def test_file_lists_text_and_parquet(planted_src, tmp_path):
