@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data_pipeline.cluster import cluster, retrieve
 from data_pipeline.core import artifacts
-from data_pipeline.core.config import CurateConfig, config_to_yaml, describe_keys, load_config
+from data_pipeline.core.config import CurateConfig, check_paths, config_to_yaml, describe_keys, load_config
 from data_pipeline.core.stage import Stage, StageContext, StageResult, run_stage
 from data_pipeline.dedup import copy_dedup, decontaminate, exact, near_dedup, phash
 from data_pipeline.embed import embed
@@ -52,6 +52,10 @@ def curate(cfg: CurateConfig, output_dir: str | Path, stages: list[str] | None =
     Returns:
         One StageResult per stage run or skipped; stops at the first stage with failed shards.
     """
+    selected = select_stages(list(stages or cfg.stages))
+    # Every path the run will read is checked before anything runs: a missing eval set or model must not cost
+    # the hours of the stages before it.
+    check_paths(cfg, [s.name for s in selected])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = config_to_yaml(cfg)
@@ -60,7 +64,7 @@ def curate(cfg: CurateConfig, output_dir: str | Path, stages: list[str] | None =
         artifacts.write_bytes_atomic(cfg_path, text.encode())
     ctx = StageContext(cfg, out)
     results = []
-    for stage in select_stages(list(stages or cfg.stages)):
+    for stage in selected:
         result = run_stage(stage, ctx)
         results.append(result)
         if result.failed_shards:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,19 @@ FAISS_DEVICES = ("auto", "cpu", "gpu")
 CLUSTER_MODES = ("kmeans", "hierarchical")
 CLUSTER_INITS = ("kmeans++", "afkmc2", "random")
 RETRIEVAL_MODES = ("as_is", "sample", "cluster")
+SET_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def _at_least(prefix: str, minimum: float, **values: float) -> None:
+    """ValueError naming the first `prefix.key` whose value is below `minimum` (or not a finite number)."""
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+            raise ValueError(f"{prefix}.{key} must be >= {minimum:g}, got {value!r}")
+
+
+def _within(key: str, value: float, lo: float, hi: float) -> None:
+    if not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be in [{lo:g}, {hi:g}], got {value!r}")
 
 
 @dataclass
@@ -30,8 +47,10 @@ class IngestConfig:
     shard_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.shard_size < 1:
-            raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
+        _at_least("ingest", 1, shard_size=self.shard_size)
+        for k, source in enumerate(self.sources):
+            if not str(source).strip():
+                raise ValueError(f"ingest.sources[{k}] is empty")
 
 
 @dataclass
@@ -49,8 +68,9 @@ class DecodeConfig:
         bad = [f for f in self.formats if f not in ALLOWED_FORMATS]
         if bad:
             raise ValueError(f"decode.formats: {bad} not in the allowlist {list(ALLOWED_FORMATS)}")
-        if self.max_pixels < 1 or self.min_size < 1 or self.max_aspect_ratio < 1:
-            raise ValueError("decode.max_pixels and decode.min_size must be >= 1, decode.max_aspect_ratio >= 1")
+        _at_least("decode", 1, max_pixels=self.max_pixels, min_size=self.min_size,
+                  max_aspect_ratio=self.max_aspect_ratio)
+        _at_least("decode", 0, item_timeout_s=self.item_timeout_s, worker_memory_mb=self.worker_memory_mb)
 
 
 @dataclass
@@ -74,6 +94,7 @@ class HashConfig:
             raise ValueError(f"hash.draft_side must be >= 0 (0 = full decode), got {self.draft_side}")
         if not 0 <= self.threshold < 32:
             raise ValueError(f"hash.threshold must be in [0, 32), got {self.threshold}")
+        _at_least("hash", 1, flat_max=self.flat_max, threads=self.threads)
 
 
 @dataclass
@@ -94,8 +115,10 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         if self.kind not in EXECUTOR_KINDS:
             raise ValueError(f"executor.kind must be one of {list(EXECUTOR_KINDS)}, got {self.kind!r}")
-        if self.workers < 0 or self.max_retries < 0:
-            raise ValueError("executor.workers and executor.max_retries must be >= 0")
+        _at_least("executor", 0, workers=self.workers, max_retries=self.max_retries)
+        _at_least("executor", 1, slurm_timeout_min=self.slurm_timeout_min, slurm_cpus_per_task=self.slurm_cpus_per_task,
+                  slurm_mem_gb=self.slurm_mem_gb, slurm_shards_per_task=self.slurm_shards_per_task,
+                  slurm_array_parallelism=self.slurm_array_parallelism)
 
 
 @dataclass
@@ -120,8 +143,9 @@ class EmbedConfig:
                 raise ValueError(f"embed.{key} must be one of {list(EMBEDDER_KINDS)}, got {getattr(self, key)!r}")
         if self.device not in EMBED_DEVICES:
             raise ValueError(f"embed.device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
-        if self.batch_size < 1 or self.chunk_size < 1 or self.loader_workers < 0:
-            raise ValueError("embed.batch_size and embed.chunk_size must be >= 1, embed.loader_workers >= 0")
+        _at_least("embed", 1, batch_size=self.batch_size, chunk_size=self.chunk_size, copy_resize=self.copy_resize,
+                  ssl_resolution=self.ssl_resolution)
+        _at_least("embed", 0, loader_workers=self.loader_workers)
 
 
 @dataclass
@@ -152,6 +176,11 @@ class CopyDedupConfig:
             raise ValueError(f"copy_dedup.k must be >= 1, got {self.k}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"copy_dedup.threshold must be a cosine in [-1, 1], got {self.threshold}")
+        _at_least("copy_dedup", 1, flat_max=self.flat_max, nprobe=self.nprobe, pq_m=self.pq_m, rerank=self.rerank,
+                  threads=self.threads)
+        _at_least("copy_dedup", 0, nlist=self.nlist, recall_sample=self.recall_sample, audit_pairs=self.audit_pairs)
+        _within("copy_dedup.audit_low", self.audit_low, -1.0, 1.0)
+        _within("copy_dedup.audit_high", self.audit_high, self.audit_low, 1.0)
 
 
 @dataclass
@@ -165,6 +194,9 @@ class DecontaminateConfig:
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
+        _at_least("decontaminate", 1, k=self.k)
+        for k, entry in enumerate(self.eval_sets):
+            parse_eval_set(entry, f"decontaminate.eval_sets[{k}]")
 
 
 @dataclass
@@ -194,6 +226,7 @@ class ClusterConfig:
             raise ValueError("cluster.n_clusters, cluster.iterations and cluster.levels must be >= 1")
         if min(self.resample_steps, self.resample_size, self.balanced_size, self.max_points_per_centroid) < 0:
             raise ValueError("cluster.resample_*, balanced_size and max_points_per_centroid must be >= 0")
+        _at_least("cluster", 1, threads=self.threads)
 
 
 @dataclass
@@ -209,9 +242,16 @@ class SeedSetConfig:
     min_seeds_in_cluster: int = 3
     max_images: int = 1_000_000
 
-    def __post_init__(self) -> None:
+    def check(self, key: str) -> None:
+        """ValueError naming `key.<field>` for the first bad value (`key` is e.g. `retrieve.seed_sets[0]`)."""
+        if not SET_NAME.match(self.name):
+            raise ValueError(f"{key}.name {self.name!r} must be a non-empty safe file-name fragment (letters, digits, "
+                             "_ . + -)")
         if self.mode not in RETRIEVAL_MODES:
-            raise ValueError(f"retrieve.seed_sets mode must be one of {list(RETRIEVAL_MODES)}, got {self.mode!r}")
+            raise ValueError(f"{key}.mode must be one of {list(RETRIEVAL_MODES)}, got {self.mode!r}")
+        _at_least(key, 1, n_neighbors=self.n_neighbors, per_cluster=self.per_cluster, max_images=self.max_images)
+        _at_least(key, 0, min_seeds_in_cluster=self.min_seeds_in_cluster)
+        _within(f"{key}.min_similarity", self.min_similarity, -1.0, 1.0)
 
 
 @dataclass
@@ -219,6 +259,14 @@ class RetrieveConfig:
     """Curated seed sets; the union of what they retrieve (plus any balanced sample) is the selection."""
 
     seed_sets: list[SeedSetConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for k, seed_set in enumerate(self.seed_sets):
+            seed_set.check(f"retrieve.seed_sets[{k}]")
+        names = [s.name for s in self.seed_sets]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"retrieve.seed_sets: duplicate names {dups}")
 
 
 @dataclass
@@ -233,8 +281,11 @@ class ShardsConfig:
     max_side: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_count < 1 or self.max_bytes < 1:
-            raise ValueError("shards.max_count and shards.max_bytes must be >= 1")
+        _at_least("shards", 1, max_count=self.max_count, max_bytes=self.max_bytes)
+        _at_least("shards", 0, max_side=self.max_side)
+        _within("shards.quality", self.quality, 1, 100)
+        if not SET_NAME.match(self.prefix):
+            raise ValueError(f"shards.prefix {self.prefix!r} must be a non-empty safe file-name fragment")
 
 
 @dataclass
@@ -244,6 +295,10 @@ class ReportConfig:
     dup_examples: int = 8
     retrieval_examples: int = 6
     thumb_size: int = 128
+
+    def __post_init__(self) -> None:
+        _at_least("report", 0, dup_examples=self.dup_examples, retrieval_examples=self.retrieval_examples)
+        _at_least("report", 1, thumb_size=self.thumb_size)
 
 
 @dataclass
@@ -263,6 +318,76 @@ class CurateConfig:
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+def parse_eval_set(entry: str, key: str = "decontaminate.eval_sets") -> tuple[str, str]:
+    """`"name=path"` -> (name, path); a bare path is named by its basename.
+
+    Raises:
+        ValueError: naming `key` when the name is empty or not a safe file-name fragment.
+    """
+    name, sep, path = entry.partition("=")
+    if not sep:
+        name, path = Path(entry.rstrip("/")).name, entry
+    if not SET_NAME.match(name) or not path:
+        raise ValueError(f"{key}: bad entry {entry!r}: give name=path, name of letters, digits, _ . + -")
+    return name, path
+
+
+# The paths each stage reads, by config key; checked before the first stage runs (`check_paths`).
+def _stage_paths(cfg: CurateConfig) -> dict[str, list[tuple[str, str]]]:
+    """stage -> [(config key, path)]: sources (folder, .tar or file list) and model files or folders."""
+    e = cfg.embed
+    evals = [(f"decontaminate.eval_sets[{k}]", parse_eval_set(entry)[1])
+             for k, entry in enumerate(cfg.decontaminate.eval_sets)]
+    seeds = [(f"retrieve.seed_sets[{k}].sources[{j}]", src)
+             for k, s in enumerate(cfg.retrieve.seed_sets) for j, src in enumerate(s.sources)]
+    return {
+        "ingest": [(f"ingest.sources[{k}]", src) for k, src in enumerate(cfg.ingest.sources)],
+        "embed_copy": [("embed.copy_model", e.copy_model), *evals],
+        "decontaminate": evals,
+        "embed_ssl": [("embed.ssl_model", e.ssl_model), *seeds],
+        "retrieve": seeds,
+    }
+
+
+def _path_problem(path: str) -> str:
+    """Why `path` cannot be read as a folder or file ('' when it can). Only `stat` is called: nothing is opened."""
+    if not path:
+        return "is empty: set it (see configs/curate/default.yaml)"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path!r}: {exc.strerror.lower() if exc.strerror else 'cannot be read'}"
+    except ValueError:
+        return f"{path!r}: not a valid path"
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+        return f"{path!r} is not a regular file or folder (a FIFO, socket or device is never read)"
+    return ""
+
+
+def check_paths(cfg: CurateConfig, stages: list[str]) -> None:
+    """Every path the given stages read exists and is a folder or regular file; ingest needs at least one source.
+
+    Raises:
+        ValueError: one line naming the config key.
+    """
+    if "ingest" in stages and not cfg.ingest.sources:
+        raise ValueError("ingest.sources is empty: give at least one folder, .tar or file list")
+    if "embed_ssl" in stages:
+        for k, seed_set in enumerate(cfg.retrieve.seed_sets):
+            if not seed_set.sources:
+                raise ValueError(f"retrieve.seed_sets[{k}].sources is empty: give at least one folder, .tar or list")
+    wanted = _stage_paths(cfg)
+    for stage in stages:
+        for key, path in wanted.get(stage, []):
+            problem = _path_problem(path)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_pipeline.core import artifacts
-from data_pipeline.core.config import CurateConfig, DecodeConfig, EmbedConfig
+from data_pipeline.core.config import CurateConfig, DecodeConfig, EmbedConfig, parse_eval_set
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.ingest.decode import DecodeReject, decode_rgb
 from data_pipeline.ingest.ingest import list_source, read_item_bytes
@@ -74,20 +74,6 @@ SET_COLUMNS = {
     "seed": ("id", "source", "path", "member", "width", "height", "nbytes", "sha256"),
 }
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.+-]+$")
-
-
-def parse_eval_set(entry: str) -> tuple[str, str]:
-    """`"name=path"` -> (name, path); a bare path is named by its basename.
-
-    Raises:
-        ValueError: when the name is empty or not a safe file-name fragment.
-    """
-    name, sep, path = entry.partition("=")
-    if not sep:
-        name, path = Path(entry.rstrip("/")).name, entry
-    if not _NAME_OK.match(name):
-        raise ValueError(f"decontaminate.eval_sets: bad set name {name!r} in {entry!r} (letters, digits, _ . + -)")
-    return name, path
 
 
 def set_sources(cfg: CurateConfig, role: str) -> list[tuple[str, list[str]]]:
