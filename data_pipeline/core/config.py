@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -10,8 +11,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from dinov2.io.files import read_regular
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 HASH_METHODS = ("phash", "dhash", "whash")
@@ -401,6 +405,28 @@ def _clean_omegaconf_error(exc: OmegaConfBaseException) -> ValueError:
     return ValueError(f"config key '{key}': {head}" if key else f"config error: {head}")
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or _first_line(exc)
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+
+
+def _load_yaml_mapping(path: str | Path) -> DictConfig:
+    """A config file's YAML, which must be a mapping of config keys (an empty file is an empty mapping)."""
+    if not Path(path).is_file():  # also refuses a FIFO, which would block the read
+        raise ValueError(f"config file not found: {path}")
+    try:
+        text = read_regular(path, 16 * 1024 * 1024).decode("utf-8")
+        data = OmegaConf.load(io.StringIO(text))  # OmegaConf's YAML rules (e.g. 1e-3 is a float), like the keys
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path}: malformed YAML ({_yaml_problem(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path}: cannot be read ({exc})") from None
+    if not isinstance(data, DictConfig):
+        raise ValueError(f"config file {path}: must hold a mapping of config keys, got a list")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
     """Build a validated config from the defaults, an optional YAML of differences, and `key=value` overrides.
 
@@ -410,13 +436,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         merged = OmegaConf.structured(CurateConfig)
         if path is not None:
-            if not Path(path).is_file():
-                raise ValueError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
         for item in overrides or []:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            try:
+                dotted = OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as exc:
+                raise ValueError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
+            merged = OmegaConf.merge(merged, dotted)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _clean_omegaconf_error(exc) from None
