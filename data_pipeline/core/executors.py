@@ -8,7 +8,6 @@ and the culprit item gets a reject reason instead of a result.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing as mp
 import os
 import resource
 import time
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig
+from data_pipeline.core.lifeline import arm_forkserver, init_child
 
 # Test hook: seconds each shard sleeps before its part is written (lets the kill-and-resume test land mid-stage).
 SLEEP_ENV = "DATA_PIPELINE_SHARD_SLEEP_S"
@@ -41,8 +41,11 @@ class ShardTask:
     out_path: str
 
 
-def init_worker(memory_mb: int) -> None:
-    """Pool initializer: cap the worker's address space and keep numeric libraries single-threaded."""
+def init_worker(memory_mb: int, owner_pid: int = 0) -> None:
+    """Pool initializer: die with the CLI process `owner_pid` (and with the forkserver), cap the worker's address
+    space and keep numeric libraries single-threaded."""
+    if owner_pid:
+        init_child(owner_pid)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     if memory_mb > 0:
@@ -75,9 +78,11 @@ class LocalExecutor:
         self.max_retries = max_retries
 
     def _pool(self, n: int) -> cf.ProcessPoolExecutor:
-        # forkserver: workers never inherit OpenMP/faiss state from the parent (libgomp is not fork-safe).
-        ctx = mp.get_context("forkserver")
-        return cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker, initargs=(self.memory_mb,))
+        # forkserver: workers never inherit OpenMP/faiss state from the parent (libgomp is not fork-safe). Armed so
+        # that the forkserver and the workers die with this process, however it dies.
+        ctx = arm_forkserver()
+        return cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker,
+                                      initargs=(self.memory_mb, os.getpid()))
 
     @staticmethod
     def _kill(pool: cf.ProcessPoolExecutor) -> None:

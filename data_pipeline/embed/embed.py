@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig, DecodeConfig, EmbedConfig, parse_eval_set
+from data_pipeline.core.lifeline import die_with_parent
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.ingest.decode import DecodeReject, decode_rgb
 from data_pipeline.ingest.ingest import list_source, read_item_bytes
@@ -219,6 +220,8 @@ def _collate_list(batch: list) -> list:
 
 def _worker_init(_: int) -> None:
     import torch
+
+    die_with_parent()  # a loader worker must not outlive the CLI process (see data_pipeline.core.lifeline)
 
     # Preprocessing is numpy/PIL; one torch thread per worker keeps the cores for the model.
     torch.set_num_threads(1)
