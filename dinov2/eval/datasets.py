@@ -12,7 +12,6 @@ Images are read through :mod:`dinov2.data.sources` (random access, picklable), s
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from dinov2.data.sources import ImageFileSource, ImageFolderSource, ImageSource, TarShardSource, open_source
+from dinov2.io.images import ImageRejected, decode_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -266,11 +266,11 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            with Image.open(io.BytesIO(self.source.read_bytes(i))) as image:
-                rgb = image.convert("RGB")
-                if self.augment_seed is None:
-                    return eval_transform(rgb, self.image_size), True
-                generator = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
-                return train_transform(rgb, self.image_size, generator), True
-        except (OSError, ValueError, Image.DecompressionBombError):
+            # The shared safe decoder: the same pixels the trainer and the curation embedder see.
+            rgb = decode_rgb(self.source.read_bytes(i)).to_pil()
+        except (ImageRejected, OSError):
             return torch.zeros(3, self.image_size, self.image_size), False
+        if self.augment_seed is None:
+            return eval_transform(rgb, self.image_size), True
+        generator = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
+        return train_transform(rgb, self.image_size, generator), True

@@ -5,7 +5,8 @@ CLI: ``python -m dinov2.eval.extract --weights W --data SRC --output-dir D [--fe
 
 Outputs in ``D`` (row i of every file is the same image):
   - ``ids.parquet``: ``id`` (0..n-1), ``key`` (path relative to the folder, or the WebDataset key), ``location``
-    (image file, or the shard holding it), ``label`` (class-folder index or ``.cls``; -1 when unlabelled),
+    (image file, or the shard holding it; both escaped by ``dinov2.io.files.escape_name`` when not UTF-8),
+    ``label`` (class-folder index or ``.cls``; -1 when unlabelled),
     ``valid`` (False for an unreadable image, whose features are zeros);
   - ``--format npy``: one ``<kind>.npy`` per kind: ``cls`` (n, D), ``patch_mean`` (n, D), ``registers`` (n, R, D),
     ``layers`` (n, L, D) = class tokens of the last L blocks, oldest first (see :mod:`dinov2.eval.features`);
@@ -31,6 +32,7 @@ import torch
 
 from dinov2.eval.datasets import LabelledImages, open_images
 from dinov2.eval.features import FEATURE_KINDS, iter_features, pick_device
+from dinov2.io.files import escape_name
 
 logger = logging.getLogger("dinov2")
 
@@ -47,8 +49,9 @@ def write_ids(data: LabelledImages, valid: np.ndarray, path: Path) -> None:
     n = len(data)
     table = pa.table({
         "id": pa.array(np.arange(n, dtype=np.int64)),
-        "key": pa.array([data.source.key(i) for i in range(n)], pa.string()),
-        "location": pa.array([data.location(i) for i in range(n)], pa.string()),
+        # Names that are not UTF-8 are escaped losslessly (dinov2.io.files.unescape_name gives them back).
+        "key": pa.array([escape_name(data.source.key(i)) for i in range(n)], pa.string()),
+        "location": pa.array([escape_name(data.location(i)) for i in range(n)], pa.string()),
         "label": pa.array(data.labels.numpy().astype(np.int64)),
         "valid": pa.array(valid.astype(bool)),
     })  # fmt: skip
