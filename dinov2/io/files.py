@@ -159,37 +159,39 @@ class _Walker:
             self.entries.append(WalkEntry(path, rel, "", st.st_size, st.st_mtime_ns))
 
     def scan(self, top: str, top_rel: str) -> None:
-        """List the real folders under ``top`` (iteratively: depth is not bounded by Python's stack)."""
-        stack = [(top, top_rel)]
+        """List the real folders under ``top`` in sorted depth-first order, so that of two hard links the first
+        by name wins (iteratively: depth is not bounded by Python's stack)."""
+        stack: list[tuple[str, str, os.stat_result | None]] = [(top, top_rel, None)]
         while stack:
-            folder, rel = stack.pop()
+            path, rel, st = stack.pop()
+            if st is not None:  # a file met while scanning its folder
+                self.add_file(path, rel, st)
+                continue
             try:
-                with os.scandir(folder) as it:
+                with os.scandir(path) as it:
                     items = sorted(it, key=lambda e: e.name)
             except OSError:
-                self.entries.append(WalkEntry(folder, rel, "unreadable"))
+                self.entries.append(WalkEntry(path, rel, "unreadable"))
                 continue
-            subdirs = []
+            children = []
             for item in items:
                 item_rel = f"{rel}/{item.name}" if rel else item.name
                 try:
                     if item.is_symlink():
                         self.links.append((item.path, item_rel))
                         continue
-                    st = item.stat(follow_symlinks=False)
+                    item_st = item.stat(follow_symlinks=False)
                 except OSError:
                     self.entries.append(WalkEntry(item.path, item_rel, "unreadable"))
                     continue
-                if stat.S_ISDIR(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if key in self.dirs:  # a bind mount of a listed folder
-                        self.entries.append(WalkEntry(item.path, item_rel, "link_to_listed_folder"))
-                    else:
-                        self.dirs.add(key)
-                        subdirs.append((item.path, item_rel))
+                if not stat.S_ISDIR(item_st.st_mode):
+                    children.append((item.path, item_rel, item_st))
+                elif (item_st.st_dev, item_st.st_ino) in self.dirs:  # a bind mount of a listed folder
+                    self.entries.append(WalkEntry(item.path, item_rel, "link_to_listed_folder"))
                 else:
-                    self.add_file(item.path, item_rel, st)
-            stack.extend(reversed(subdirs))
+                    self.dirs.add((item_st.st_dev, item_st.st_ino))
+                    children.append((item.path, item_rel, None))
+            stack.extend(reversed(children))
 
     def follow_links(self) -> None:
         while self.links:

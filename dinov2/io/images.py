@@ -196,7 +196,7 @@ def gray_to_uint8(values: np.ndarray, bits: int | None = None) -> np.ndarray:
     With ``bits`` (16 for the ``I;16`` modes) the full range of that depth maps to 0..255. Otherwise the values'
     actual range decides: within [0, 1] for floats -> x 255; within [0, 255] -> as is; within [0, 65535] for
     integers -> / 257 (16-bit data stored as ``I``); anything else (negative, larger, HDR) is stretched linearly
-    from its minimum to its maximum. NaN maps to 0, infinities to the ends of the finite range.
+    from its minimum to its maximum. NaN maps like the minimum, infinities like the ends of the finite range.
     """
     a = values.astype(np.float64)
     if bits is not None:
@@ -206,7 +206,7 @@ def gray_to_uint8(values: np.ndarray, bits: int | None = None) -> np.ndarray:
         if not finite.any():
             return np.zeros(a.shape, np.uint8)
         lo, hi = float(a[finite].min()), float(a[finite].max())
-        a = np.where(np.isnan(a), lo if lo > 0 else 0.0, np.clip(a, lo, hi))
+        a = np.where(np.isnan(a), lo, np.clip(a, lo, hi))
         floating = np.issubdtype(values.dtype, np.floating)
         if floating and lo >= 0 and hi <= 1:
             scaled = a * 255.0
