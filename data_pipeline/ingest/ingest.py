@@ -103,6 +103,22 @@ class _OpenTar:
             self.file.close()
             raise
 
+        self.members: dict[str, tarfile.TarInfo] = {}
+        self.at_end = False
+
+    def member(self, name: str) -> tarfile.TarInfo:
+        """The member called `name`, reading headers only as far as it (`getmember` reads them all, so a tar cut
+        after the member would lose it too)."""
+        while name not in self.members and not self.at_end:
+            info = self.tar.next()
+            if info is None:
+                self.at_end = True
+            else:
+                self.members.setdefault(info.name, info)
+        if name not in self.members:
+            raise KeyError(f"no member {name!r}")
+        return self.members[name]
+
     def close(self) -> None:
         self.tar.close()
         self.file.close()
@@ -203,11 +219,10 @@ def read_item_bytes(path: str, member: str | None, cache: dict | None = None) ->
     cache = {} if cache is None else cache
     if path not in cache:
         cache[path] = _OpenTar(path)
-    tar = cache[path].tar
-    info = tar.getmember(unescape_name(member))
+    info = cache[path].member(unescape_name(member))
     if info.size > MAX_FILE_BYTES:
         raise UnsafeFile("too_large", f"{path}::{member}", f"{info.size} bytes")
-    fh = tar.extractfile(info)
+    fh = cache[path].tar.extractfile(info)
     if fh is None:
         raise OSError(f"tar member {member!r} is not a regular file")
     return fh.read()

@@ -82,7 +82,9 @@ def read_regular(path: str | os.PathLike | bytes, max_bytes: int = MAX_FILE_BYTE
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise UnsafeFile("too_large", path, f"{size} bytes > {max_bytes}")
-        data = f.read(max_bytes + 1)  # a file still growing cannot push the read past the bound
+        # One byte more than the size says: a file still growing cannot push the read past the bound (and read(n)
+        # allocates n bytes up front, so n must be the size, not the bound).
+        data = f.read(size + 1)
     if len(data) > max_bytes:
         raise UnsafeFile("too_large", path, f"more than {max_bytes} bytes")
     return data
