@@ -172,7 +172,7 @@ def _read_list(list_path: Path) -> list[str]:
 
 def _list_folder(source: str, root: Path) -> list[dict]:
     rows = []
-    for entry in walk_folder(root):
+    for entry in walk_folder(root, with_stat=True):
         path = Path(entry.path)
         if entry.reason:
             rows.append(_row(source, entry.rel, entry.path, None, 0, entry.reason))

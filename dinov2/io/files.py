@@ -16,8 +16,7 @@ import os
 import re
 import stat
 from collections import deque
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 # Every read of user data is bounded: no image, tar member or file list the project reads is larger.
 MAX_FILE_BYTES = 512 * 1024 * 1024
@@ -119,8 +118,7 @@ def unescape_name(text: str) -> str:
     return os.fsdecode(raw)
 
 
-@dataclass(frozen=True, slots=True)
-class WalkEntry:
+class WalkEntry(NamedTuple):
     """One entry met by :func:`walk_folder`.
 
     Attributes:
@@ -143,55 +141,64 @@ class WalkEntry:
 class _Walker:
     """State of one :func:`walk_folder` call: what has been listed, by device and inode."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_stat: bool) -> None:
+        self.with_stat = with_stat
         self.dirs: set[tuple[int, int]] = set()
         self.files: set[tuple[int, int]] = set()
         self.entries: list[WalkEntry] = []
         self.links: deque[tuple[str, str]] = deque()
 
-    def add_file(self, path: str, rel: str, st: os.stat_result) -> None:
-        kind = file_kind(st.st_mode)
-        key = (st.st_dev, st.st_ino)
+    def add_file(self, path: str, rel: str, key: tuple[int, int], st: os.stat_result | None) -> None:
+        """A non-folder entry; ``st`` is None for a regular file known from the folder listing alone."""
+        kind = file_kind(st.st_mode) if st is not None else ""
         if kind:
             self.entries.append(WalkEntry(path, rel, kind))
         elif key in self.files:
             self.entries.append(WalkEntry(path, rel, "link_to_listed_file"))
         else:
             self.files.add(key)
-            self.entries.append(WalkEntry(path, rel, "", st.st_size, st.st_mtime_ns))
+            size, mtime_ns = (st.st_size, st.st_mtime_ns) if st is not None else (0, 0)
+            self.entries.append(WalkEntry(path, rel, "", size, mtime_ns))
 
     def scan(self, top: str, top_rel: str) -> None:
         """List the real folders under ``top`` in sorted depth-first order, so that of two hard links the first
         by name wins (iteratively: depth is not bounded by Python's stack)."""
-        stack: list[tuple[str, str, os.stat_result | None]] = [(top, top_rel, None)]
+        # (path, rel, None) is a folder to scan; (path, rel, (key, stat or None)) a file met while scanning.
+        stack: list[tuple[str, str, tuple | None]] = [(top, top_rel, None)]
         while stack:
-            path, rel, st = stack.pop()
-            if st is not None:  # a file met while scanning its folder
-                self.add_file(path, rel, st)
+            path, rel, file = stack.pop()
+            if file is not None:
+                self.add_file(path, rel, *file)
                 continue
             try:
+                dev = os.stat(path).st_dev
                 with os.scandir(path) as it:
                     items = sorted(it, key=lambda e: e.name)
             except OSError:
                 self.entries.append(WalkEntry(path, rel, "unreadable"))
                 continue
-            children = []
+            children: list[tuple[str, str, tuple | None]] = []
             for item in items:
                 item_rel = f"{rel}/{item.name}" if rel else item.name
                 try:
                     if item.is_symlink():
                         self.links.append((item.path, item_rel))
                         continue
+                    if not self.with_stat and item.is_file(follow_symlinks=False):
+                        # The folder listing's type and inode suffice: no stat per image (millions of them).
+                        children.append((item.path, item_rel, ((dev, item.inode()), None)))
+                        continue
                     item_st = item.stat(follow_symlinks=False)
                 except OSError:
                     self.entries.append(WalkEntry(item.path, item_rel, "unreadable"))
                     continue
+                key = (item_st.st_dev, item_st.st_ino)
                 if not stat.S_ISDIR(item_st.st_mode):
-                    children.append((item.path, item_rel, item_st))
-                elif (item_st.st_dev, item_st.st_ino) in self.dirs:  # a bind mount of a listed folder
+                    children.append((item.path, item_rel, (key, item_st)))
+                elif key in self.dirs:  # a bind mount of a listed folder
                     self.entries.append(WalkEntry(item.path, item_rel, "link_to_listed_folder"))
                 else:
-                    self.dirs.add((item_st.st_dev, item_st.st_ino))
+                    self.dirs.add(key)
                     children.append((item.path, item_rel, None))
             stack.extend(reversed(children))
 
@@ -204,7 +211,7 @@ class _Walker:
                 self.entries.append(WalkEntry(path, rel, "link_loop" if exc.errno == errno.ELOOP else "broken_link"))
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                self.add_file(path, rel, st)
+                self.add_file(path, rel, (st.st_dev, st.st_ino), st)
             elif (st.st_dev, st.st_ino) in self.dirs:
                 self.entries.append(WalkEntry(path, rel, "link_to_listed_folder"))
             else:
@@ -212,10 +219,15 @@ class _Walker:
                 self.scan(path, rel)
 
 
-def walk_folder(root: str | os.PathLike) -> list[WalkEntry]:
+def walk_folder(root: str | os.PathLike, with_stat: bool = False) -> list[WalkEntry]:
     """Every entry under ``root``, each file once (see the module docstring for links), sorted by ``rel``.
 
-    Nothing is opened: entries are classified from ``stat`` alone, so FIFOs and devices cannot block the walk.
+    Nothing is opened: entries are classified from the folder listing and ``stat`` alone, so FIFOs and devices
+    cannot block the walk.
+
+    Args:
+        root: the folder.
+        with_stat: fill ``size`` and ``mtime_ns`` of every listed file (one ``stat`` each); otherwise they are 0.
 
     Raises:
         ValueError: when ``root`` is not a folder.
@@ -227,7 +239,7 @@ def walk_folder(root: str | os.PathLike) -> list[WalkEntry]:
         raise ValueError(f"folder {root!r} does not exist or cannot be read ({exc.strerror})") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{root!r} is not a folder")
-    walker = _Walker()
+    walker = _Walker(with_stat)
     walker.dirs.add((st.st_dev, st.st_ino))
     walker.scan(root, "")
     walker.follow_links()
