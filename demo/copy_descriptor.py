@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dinov2.io.atomic import atomic_path
+
 
 class ThumbnailDescriptor(torch.nn.Module):
     """[B, 3, H, W] ImageNet-normalised images -> [B, 3 * grid * grid] L2-normalised descriptors."""
@@ -34,8 +36,6 @@ def build_copy_descriptor(path: Path, grid: int = 16) -> Path:
     """Write the descriptor as a TorchScript file (unchanged bytes when it already exists, so reruns skip)."""
     path = Path(path)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.jit.script(ThumbnailDescriptor(grid)).save(str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.jit.script(ThumbnailDescriptor(grid)).save(str(tmp))
     return path

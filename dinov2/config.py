@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinov2.io.atomic import write_text_atomic
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "train" / "ssl_default.yaml"
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -381,9 +383,5 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (written to a temp file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    """Write the resolved config as YAML, atomically."""
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -1,12 +1,10 @@
-"""Artifact paths, atomic writers (temp + fsync + rename) and the per-stage `_SUCCESS.json` commit marker."""
+"""Artifact paths, the curation file formats (written atomically) and the per-stage `_SUCCESS.json` commit marker."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# write_bytes_atomic is used here and by the stages (as artifacts.write_bytes_atomic) for raw artifacts.
+from dinov2.io.atomic import atomic_path, write_atomic, write_bytes_atomic
+
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT"
 PARTS = "parts"
-
-
-def _atomic_write(path: Path, write_fn) -> None:
-    """Write via `write_fn(tmp_path)` to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Atomically write raw bytes."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -48,17 +28,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     """Atomically write a Parquet table; no timestamps or writer-dependent metadata, so bytes are deterministic."""
     table = table.replace_schema_metadata(None)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
     """Atomically write a `.npy` array."""
-
-    def _w(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-
-    _atomic_write(path, _w)
+    write_atomic(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def read_table(path: Path) -> pa.Table:

@@ -30,6 +30,7 @@ from data_pipeline.core.lifeline import die_with_parent
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.ingest.decode import DecodeReject, decode_rgb
 from data_pipeline.ingest.ingest import list_source, read_item_bytes
+from dinov2.io.atomic import atomic_path
 
 if TYPE_CHECKING:  # torch loads only when a stage embeds: curation workers re-import the CLI module under a
     import torch  # memory cap, and a CUDA build of torch maps gigabytes of address space
@@ -351,19 +352,16 @@ def _write_npy_memmap(path: Path, chunks: list[Path], n: int, dim: int) -> None:
     if n == 0:
         artifacts.write_npy_atomic(path, np.zeros((0, dim), np.float16))
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-    start = 0
-    for c in chunks:
-        block = np.load(c)
-        out[start : start + len(block)] = block
-        start += len(block)
-    assert start == n, (start, n)
-    out.flush()
-    del out
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        start = 0
+        for c in chunks:
+            block = np.load(c)
+            out[start : start + len(block)] = block
+            start += len(block)
+        assert start == n, (start, n)
+        out.flush()
+        del out  # unmapped before the rename
 
 
 def assemble_set(work_dir: Path, set_name: str, n: int, chunk_size: int, dim: int, out_npy: Path) -> pa.Table:

@@ -1,16 +1,18 @@
 """Stage "shards": the selected images as deterministic WebDataset tars plus a wids-style `index.json`.
 
 Layout of `D/shards/`:
-    <prefix>-000000.tar ...   samples `<key>.<ext>` (image) then `<key>.json` (metadata), adjacent
+    <prefix>-000000.tar ...   samples `<key>.<ext>` (image) and `<key>.json` (metadata), adjacent, in webdataset's
+                              member order (extensions sorted)
     <prefix>-000000_stats.json  per-shard sidecar: member list, size, md5, where the next shard starts (resume)
     index.json                wids-shard-index-v1 (`shardlist` of {url, nsamples, filesize, md5sum}) + totals
 
 Sample order is a seeded global shuffle: position = `numpy.random.Generator(PCG64(cfg.seed)).permutation` of the
 selected rows (sorted by row_id, id), so a sequential reader sees a mixed stream and the same seed gives the same tars.
-Tars are byte-deterministic: USTAR headers, mtime 0, uid/gid 0, empty user/group names, mode 0o444, fixed member
-order. Shards are written one after another (a shard's end depends on the bytes of the samples before it); each is
-written to a temp file, fsynced and renamed, then its sidecar is written, so a killed run resumes after the last
-shard whose sidecar matches the tar on disk and rewrites the rest identically.
+Tars are written by webdataset's `TarWriter` and are byte-deterministic: USTAR headers, mtime 0, uid/gid 0, empty
+user/group names, mode 0o444, fixed member order. (Its `ShardWriter` is not used: it checks its limits after a
+sample is added, and it cannot resume.) Shards are written one after another (a shard's end depends on the bytes of
+the samples before it); each is written atomically (`dinov2.io.atomic`), then its sidecar is written, so a killed
+run resumes after the last shard whose sidecar matches the tar on disk and rewrites the rest identically.
 
 Samples hold the original bytes under the extension of their decoded format (`.jpg`, `.png`, `.webp`, ...), checked
 against the ingest sha256; with `shards.reencode` they are decoded safely (EXIF orientation applied), downscaled to
@@ -27,11 +29,11 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +44,7 @@ from data_pipeline.core.config import CurateConfig
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.ingest.decode import DecodeReject, decode_rgb, open_untrusted, time_limit
 from data_pipeline.ingest.ingest import read_item_bytes
+from dinov2.io.atomic import atomic_path
 
 SELECTED_COLUMNS = ("row_id", "id", "source", "path", "member", "width", "height", "nbytes", "sha256", "cluster",
                     "reasons")
@@ -195,9 +198,9 @@ def sample_json(row: dict, width: int, height: int) -> bytes:
 
 
 class _HashingFile:
-    """Write-only file wrapper that tracks md5 and position while tarfile streams into it."""
+    """Write-only file wrapper that tracks md5 and position while the tar streams into it."""
 
-    def __init__(self, fh) -> None:
+    def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.md5, self.pos = fh, hashlib.md5(usedforsecurity=False), 0  # wids index checksum
 
     def write(self, data: bytes) -> int:
@@ -211,43 +214,31 @@ class _HashingFile:
 
 
 class _ShardWriter:
-    """One shard being written to a temp file next to its final name."""
+    """One shard streamed into an open file by webdataset's `TarWriter`, with fixed member metadata (mtime 0,
+    uid/gid 0, empty user and group names, mode 0o444) so that the same samples always give the same bytes."""
 
-    def __init__(self, stage_dir: Path, name: str) -> None:
-        self.path = stage_dir / name
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=stage_dir)
-        self.fh = os.fdopen(fd, "wb")
-        self.out = _HashingFile(self.fh)
-        self.tar = tarfile.open(fileobj=self.out, mode="w", format=tarfile.USTAR_FORMAT)
-        self.members: list[str] = []
+    def __init__(self, fh: BinaryIO) -> None:
+        # Imported here: webdataset imports torch (3 GB of address space), and the CLI's process-pool workers, which
+        # fork from a server that imports this module, run under an address-space cap (decode.worker_memory_mb).
+        import webdataset as wds
+
+        self.out = _HashingFile(fh)
+        self.tar = wds.TarWriter(self.out, user="", group="", mode=0o444, mtime=0, encoder=False)
         self.keys: list[str] = []
         self.payload = 0
 
     def add(self, key: str, ext: str, image: bytes, meta: bytes) -> None:
-        for name, data in ((f"{key}.{ext}", image), (f"{key}.json", meta)):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
-            self.members.append(name)
-            self.payload += member_bytes(len(data))
+        self.tar.write({"__key__": key, ext: image, "json": meta})
+        self.payload += member_bytes(len(image)) + member_bytes(len(meta))
         self.keys.append(key)
 
-    def commit(self) -> dict:
+    def close(self) -> dict:
+        """Finish the tar; returns its sidecar fields (nsamples, filesize, md5sum, members in tar order)."""
+        members = self.tar.tarstream.getnames()
         self.tar.close()
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
         assert self.out.pos == tar_file_size(self.payload), "tar size differs from the shard-limit accounting"
-        os.replace(self.tmp, self.path)
-        return {"url": self.path.name, "nsamples": len(self.keys), "filesize": self.out.pos,
-                "md5sum": self.out.md5.hexdigest(), "members": self.members}
-
-    def abort(self) -> None:
-        self.fh.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        return {"nsamples": len(self.keys), "filesize": self.out.pos, "md5sum": self.out.md5.hexdigest(),
+                "members": members}
 
 
 def _tar_members(path: Path) -> list[str] | None:
@@ -373,8 +364,9 @@ def write_shards(ctx: StageContext, table: pa.Table) -> list[dict]:
         # `sample` is the next writable row, read ahead so that a shard's limits can be checked before adding it.
         cursor, sample = stream.next()
         while sample:
-            writer = _ShardWriter(stage_dir, shard_name(sc.prefix, len(done)))
-            try:
+            path = stage_dir / shard_name(sc.prefix, len(done))
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                writer = _ShardWriter(fh)
                 while sample:
                     row, ext, image, meta = sample
                     size = member_bytes(len(image)) + member_bytes(len(meta))
@@ -384,12 +376,9 @@ def write_shards(ctx: StageContext, table: pa.Table) -> list[dict]:
                         break
                     writer.add(row["key"], ext, image, meta)
                     cursor, sample = stream.next()
-                side = writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
+                side = writer.close()
             # Rows skipped before `cursor` (the next shard's first sample) belong to this shard's range.
-            side.update(start=start, end=cursor, rejects=stream.rejects, keys=writer.keys)
+            side.update(url=path.name, start=start, end=cursor, rejects=stream.rejects, keys=writer.keys)
             artifacts.write_json_atomic(_sidecar(stage_dir, sc.prefix, len(done)), side)
             done.append(side)
             start, stream.rejects = cursor, {}

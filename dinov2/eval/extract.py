@@ -14,7 +14,8 @@ Outputs in ``D`` (row i of every file is the same image):
     original shapes are in the schema metadata under ``shapes``);
   - ``extract.json``: the arguments, feature shapes and counts.
 
-Files are written as ``*.partial`` and renamed when complete, so a crashed run never leaves a plausible output.
+Every file is written under a temporary name and renamed only once all of them are complete
+(:mod:`dinov2.io.atomic`), so a crashed run never leaves a plausible output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import torch
 
 from dinov2.eval.datasets import LabelledImages, open_images
 from dinov2.eval.features import FEATURE_KINDS, iter_features, pick_device
+from dinov2.io.atomic import atomic_path, write_text_atomic
 from dinov2.io.files import escape_name
 
 logger = logging.getLogger("dinov2")
@@ -59,13 +62,12 @@ def write_ids(data: LabelledImages, valid: np.ndarray, path: Path) -> None:
 
 
 class _NpyWriter:
-    """One ``<kind>.npy.partial`` memmap per kind, filled batch by batch."""
+    """One ``.npy`` memmap per kind at the (temporary) ``paths``, filled batch by batch."""
 
-    def __init__(self, out: Path, shapes: dict[str, tuple[int, ...]], n: int, dtype: np.dtype) -> None:
+    def __init__(self, paths: dict[str, Path], shapes: dict[str, tuple[int, ...]], n: int, dtype: np.dtype) -> None:
         self.dtype = dtype
-        self.paths = {k: out / f"{k}.npy.partial" for k in shapes}
         self.arrays: dict[str, np.ndarray] = {}
-        for kind, path in self.paths.items():
+        for kind, path in paths.items():
             shape = (n, *shapes[kind])
             if 0 in shape:  # e.g. registers of a model without any: numpy cannot memory-map an empty array
                 with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the name
@@ -77,19 +79,18 @@ class _NpyWriter:
         for kind, array in self.arrays.items():
             array[start : start + len(feats[kind])] = feats[kind].numpy().astype(self.dtype)
 
-    def close(self) -> list[Path]:
+    def close(self) -> None:
         for array in self.arrays.values():
             array.flush()
         self.arrays.clear()  # drop the memmaps before their files are renamed
-        return list(self.paths.values())
 
 
 class _ParquetWriter:
-    """``features.parquet.partial``: ``id`` plus one flattened fixed-size list column per kind."""
+    """``features.parquet`` at the (temporary) ``path``: ``id`` plus one flattened fixed-size list column per kind."""
 
-    def __init__(self, out: Path, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> None:
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> None:
         self.dtype = dtype
-        self.path = out / "features.parquet.partial"
+        self.path = path
         value_type = pa.float32() if dtype == np.float32 else pa.float16()
         fields = [pa.field("id", pa.int64())]
         fields += [pa.field(k, pa.list_(value_type, int(np.prod(shape)))) for k, shape in shapes.items()]
@@ -104,9 +105,8 @@ class _ParquetWriter:
             columns[kind] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         self.writer.write_table(pa.table(columns, schema=self.writer.schema))
 
-    def close(self) -> list[Path]:
+    def close(self) -> None:
         self.writer.close()
-        return [self.path]
 
 
 def extract_to_dir(
@@ -137,15 +137,19 @@ def extract_to_dir(
     n = len(data)
     shapes = feature_shapes(model, kinds, n_layers)
     np_dtype = np.dtype(dtype)
-    writer = _NpyWriter(out, shapes, n, np_dtype) if fmt == "npy" else _ParquetWriter(out, shapes, np_dtype)
-    valid = np.zeros(n, dtype=bool)
-    for start, feats, ok in iter_features(model, data, image_size, kinds, n_layers, batch_size, num_workers):
-        valid[start : start + len(ok)] = ok.numpy()
-        writer.write(start, feats)
-    partial = writer.close()
-    write_ids(data, valid, out / "ids.parquet")
-    for path in partial:
-        path.replace(out / path.name.removesuffix(".partial"))
+    names = [f"{k}.npy" for k in kinds] if fmt == "npy" else ["features.parquet"]
+    with ExitStack() as outputs:  # every file is renamed into place only when the block completes
+        tmp = {name: outputs.enter_context(atomic_path(out / name)) for name in [*names, "ids.parquet"]}
+        if fmt == "npy":
+            writer = _NpyWriter({k: tmp[f"{k}.npy"] for k in kinds}, shapes, n, np_dtype)
+        else:
+            writer = _ParquetWriter(tmp["features.parquet"], shapes, np_dtype)
+        valid = np.zeros(n, dtype=bool)
+        for start, feats, ok in iter_features(model, data, image_size, kinds, n_layers, batch_size, num_workers):
+            valid[start : start + len(ok)] = ok.numpy()
+            writer.write(start, feats)
+        writer.close()
+        write_ids(data, valid, tmp["ids.parquet"])
     summary = {
         "n_images": n,
         "n_unreadable": int((~valid).sum()),
@@ -156,7 +160,7 @@ def extract_to_dir(
         "layers": n_layers if "layers" in kinds else None,
         "classes": data.classes,
     }
-    (out / "extract.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "extract.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from dinov2.eval.datasets import LabelledImages, open_labelled
 from dinov2.eval.features import extract_features, pick_device
+from dinov2.io.atomic import write_text_atomic
 
 logger = logging.getLogger("dinov2")
 
@@ -282,9 +283,7 @@ def _check_exists(spec: str | Path | None) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Layout: ``<output_dir>/checkpoints/iter_<iteration:07d>/`` plus a ``COMMITTED`` 
 without its marker (a run killed mid-save) is never loaded and is cleaned up later. Its content is one of:
 
 - single file (one process without a process group): ``state.pth``, the whole state in one ``torch.save``. Files are
-  written to a temporary name, fsynced and renamed, so a torn file never carries a final name.
+  written atomically (:mod:`dinov2.io.atomic`), so a torn file never carries a final name.
 - sharded (any run with a process group): a ``torch.distributed.checkpoint`` (DCP) folder (``.metadata`` plus one
   ``__<rank>_0.distcp`` per rank) holding ``model`` and ``optimizer`` under their parameter names, plus one
   ``extras_rank<r>.pt`` per rank (RNG, loader position, counters). Rank 0 writes the marker after a barrier that
@@ -17,7 +17,6 @@ Both layouts load into any world size and strategy (see ``dinov2.train.train.res
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dinov2.io.atomic import write_atomic, write_bytes_atomic
 
 logger = logging.getLogger("dinov2")
 
@@ -38,15 +39,6 @@ _DIR_PATTERN = re.compile(r"^iter_(\d{7,})$")
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _fsync_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -110,8 +102,8 @@ def save_checkpoint(output_dir: str | Path, iteration: int, state: dict[str, Any
     if (final_dir / COMMIT_MARKER).exists():
         return final_dir
     final_dir.mkdir(parents=True, exist_ok=True)
-    _fsync_write(final_dir / STATE_FILE, lambda f: torch.save(state, f))
-    _fsync_write(final_dir / COMMIT_MARKER, lambda f: f.write(b"ok\n"))
+    write_atomic(final_dir / STATE_FILE, lambda f: torch.save(state, f))
+    write_bytes_atomic(final_dir / COMMIT_MARKER, b"ok\n")
     logger.info("saved checkpoint %s", final_dir)
     apply_retention(output_dir, max_to_keep)
     return final_dir
@@ -221,11 +213,11 @@ def save_sharded_checkpoint(output_dir: str | Path, iteration: int, state: dict[
         return final_dir
     final_dir.mkdir(parents=True, exist_ok=True)
     dcp.save(state, checkpoint_id=str(final_dir), no_dist=not dist.is_initialized())
-    _fsync_write(final_dir / EXTRAS_FILE.format(rank=rank), lambda f: torch.save(extras, f))
+    write_atomic(final_dir / EXTRAS_FILE.format(rank=rank), lambda f: torch.save(extras, f))
     if dist.is_initialized():
         dist.barrier()  # every rank's shard and extras are on disk before the marker
     if rank == 0:
-        _fsync_write(final_dir / COMMIT_MARKER, lambda f: f.write(b"ok\n"))
+        write_bytes_atomic(final_dir / COMMIT_MARKER, b"ok\n")
         logger.info("saved sharded checkpoint %s", final_dir)
         apply_retention(output_dir, max_to_keep)  # only rank 0 purges
     if dist.is_initialized():

@@ -26,6 +26,7 @@ from dinov2.data import build_train_loader
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
 from dinov2.eval.knn import evaluate_knn
+from dinov2.io.atomic import write_atomic
 from dinov2.models.student_teacher import StudentTeacher, build_backbones
 from dinov2.train.anomaly import AnomalyLog, LossSpikeDetector
 from dinov2.train.checkpoint import (
@@ -141,10 +142,7 @@ def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, ite
     from dinov2.weights import export_backbone
 
     folder = output_dir / "eval" / f"training_{iteration}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "teacher_checkpoint.pth.tmp"
-    torch.save({"teacher": teacher_state}, tmp)
-    tmp.replace(folder / "teacher_checkpoint.pth")
+    write_atomic(folder / "teacher_checkpoint.pth", lambda f: torch.save({"teacher": teacher_state}, f))
     backbone = {k.removeprefix("backbone."): v for k, v in teacher_state.items() if k.startswith("backbone.")}
     export_backbone(backbone, folder / "teacher_backbone_hub.pth", layout="hub")
     export_backbone(backbone, folder / "teacher_backbone_hub.safetensors", layout="hub")

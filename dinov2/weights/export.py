@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dinov2.io.atomic import atomic_path, write_atomic, write_text_atomic
 from dinov2.weights.arch import BackboneSpec, infer_spec
 from dinov2.weights.formats import StateDict, from_canonical, to_canonical, unchunk
 from dinov2.weights.load import extract_backbone, hf_num_heads, load_state
@@ -30,17 +31,18 @@ def canonical_state(source: nn.Module | Mapping[str, torch.Tensor]) -> StateDict
 
 
 def save_tensors(state: Mapping[str, torch.Tensor], out: str | Path) -> Path:
-    """Write a flat state dict: safetensors when ``out`` ends in ``.safetensors``, else a torch ``.pth`` pickle."""
+    """Write a flat state dict atomically: safetensors when ``out`` ends in ``.safetensors``, else a torch ``.pth``
+    pickle."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Own, contiguous, CPU copies: safetensors refuses shared or strided storage (e.g. q/k/v slices of one tensor).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(tensors, str(out), metadata={"format": "pt"})
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     else:
-        torch.save(tensors, out)
+        write_atomic(out, lambda f: torch.save(tensors, f))
     return out
 
 
@@ -106,7 +108,7 @@ def export_backbone(
         raise ValueError(f"the hf format writes a directory (model.safetensors + config.json), got {out_dir}")
     config = hf_config(infer_spec(state, num_heads=num_heads))
     path = save_tensors(converted, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return path
 
 

@@ -322,7 +322,7 @@ def test_extract_npy_shapes_ids_and_order(backbone_file, data, tmp_path):
     assert all(a.dtype == np.float32 for a in arrays.values())
     np.testing.assert_array_equal(arrays["layers"][:, -1], arrays["cls"])
     assert not arrays["cls"][broken].any() and np.abs(arrays["cls"][0]).sum() > 0
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file is left behind
 
 
 def test_extract_parquet_shards_match_npy(backbone_file, data, tmp_path):
