@@ -3,8 +3,8 @@
 Every key of the official ``ssl_default_config.yaml`` exists here with its official default, so an official override
 file (``vitl14.yaml`` style) loads unchanged. Keys we add are documented where they are declared. Loading merges, in
 order: these defaults, ``configs/train/ssl_default.yaml`` (the same values, written out for users to read), the
-user's override file, then ``key=value`` dot-list overrides. An unknown key or a value of the wrong type is a
-one-line :class:`ConfigError` naming the key.
+user's override file, then ``key=value`` dot-list overrides (:mod:`dinov2.io.yaml_config`, shared with the
+curation CLI). An unknown key or a value of the wrong type is a one-line :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.io.atomic import write_text_atomic
+from dinov2.io.yaml_config import ConfigError, load_typed_config
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "train" / "ssl_default.yaml"
 
 DTYPES = ("fp32", "fp16", "bf16")
 SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
 PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")  # train.strategy, see dinov2/distributed/parallel.py
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message is one line and names the offending key."""
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -343,43 +339,15 @@ def scaled_lr(optim: OptimConfig, total_batch: int) -> float:
     return optim.base_lr
 
 
-def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(error, "full_key", None) or "?"
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if "not in" in first_line or "Missing key" in first_line or "Key '" in first_line:
-        return ConfigError(f"unknown config key '{key}' (from {source})")
-    return ConfigError(f"bad value for config key '{key}' (from {source}): {first_line}")
-
-
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Merge defaults, ``ssl_default.yaml``, an override file and dot-list overrides into a validated TrainConfig.
 
     Raises:
-        ConfigError: one line naming the key, for an unknown key, a wrong type or an invalid value.
+        ConfigError: one line naming the key, for an unknown key, a wrong type or an invalid value, or the file, for
+            a missing file or one that is not a YAML mapping.
     """
-    merged = OmegaConf.structured(TrainConfig)
-    layers: list[tuple[str, Any]] = [(str(DEFAULT_CONFIG_PATH), DEFAULT_CONFIG_PATH)]
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append((str(path), path))
-    for source, path in layers:
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        except OmegaConfBaseException as error:
-            raise _one_line(error, source) from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as error:
-            raise _one_line(error, f"command line {item!r}") from None
-    try:
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise _one_line(error, "merged config") from None
+    files = [DEFAULT_CONFIG_PATH, *([config_file] if config_file else [])]
+    return load_typed_config(TrainConfig, files, overrides or [])
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

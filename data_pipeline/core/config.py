@@ -1,9 +1,11 @@
-"""Typed curation config: dataclasses, YAML files holding only differences, dotted overrides, one-line errors."""
+"""Typed curation config: dataclasses, YAML files holding only differences, dotted overrides, one-line errors.
+
+Loading is `dinov2.io.yaml_config`, shared with the training CLI.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import re
@@ -11,11 +13,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from dinov2.io.files import read_regular
+from dinov2.io.yaml_config import ConfigError, load_typed_config
+
+__all__ = ["ConfigError", "CurateConfig", "load_config"]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 HASH_METHODS = ("phash", "dhash", "whash")
@@ -103,26 +105,24 @@ class HashConfig:
 
 @dataclass
 class ExecutorConfig:
-    """How shards are mapped: a local process pool or a SLURM job array through submitit."""
+    """How shards are mapped: a local process pool or a SLURM job array through submitit.
+
+    The array tasks' resources come from cluster YAML files in the schema every SLURM job of the project uses
+    (`dinov2.run.slurm.ClusterConfig`); only what that schema does not cover is a key here.
+    """
 
     kind: str = "local"
     workers: int = 0
     max_retries: int = 1
-    slurm_config: str = "slurm/curate_array.yaml"
+    slurm_files: list[str] = field(default_factory=lambda: ["slurm/curate_array.yaml"])
     slurm_partition: str = ""
-    slurm_timeout_min: int = 60
-    slurm_cpus_per_task: int = 2
-    slurm_mem_gb: int = 8
     slurm_shards_per_task: int = 4
-    slurm_array_parallelism: int = 64
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTOR_KINDS:
             raise ValueError(f"executor.kind must be one of {list(EXECUTOR_KINDS)}, got {self.kind!r}")
         _at_least("executor", 0, workers=self.workers, max_retries=self.max_retries)
-        _at_least("executor", 1, slurm_timeout_min=self.slurm_timeout_min, slurm_cpus_per_task=self.slurm_cpus_per_task,
-                  slurm_mem_gb=self.slurm_mem_gb, slurm_shards_per_task=self.slurm_shards_per_task,
-                  slurm_array_parallelism=self.slurm_array_parallelism)
+        _at_least("executor", 1, slurm_shards_per_task=self.slurm_shards_per_task)
 
 
 @dataclass
@@ -394,65 +394,13 @@ def check_paths(cfg: CurateConfig, stages: list[str]) -> None:
                 raise ValueError(f"{key}: {problem}")
 
 
-def _first_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return msg[0] if msg else type(exc).__name__
-
-
-def _clean_omegaconf_error(exc: OmegaConfBaseException) -> ValueError:
-    key = getattr(exc, "full_key", None)
-    head = _first_line(exc)
-    return ValueError(f"config key '{key}': {head}" if key else f"config error: {head}")
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or _first_line(exc)
-    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
-
-
-def _load_yaml_mapping(path: str | Path) -> DictConfig:
-    """A config file's YAML, which must be a mapping of config keys (an empty file is an empty mapping)."""
-    if not Path(path).is_file():  # also refuses a FIFO, which would block the read
-        raise ValueError(f"config file not found: {path}")
-    try:
-        text = read_regular(path, 16 * 1024 * 1024).decode("utf-8")
-        data = OmegaConf.load(io.StringIO(text))  # OmegaConf's YAML rules (e.g. 1e-3 is a float), like the keys
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path}: malformed YAML ({_yaml_problem(exc)})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path}: cannot be read ({exc})") from None
-    if not isinstance(data, DictConfig):
-        raise ValueError(f"config file {path}: must hold a mapping of config keys, got a list")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
     """Build a validated config from the defaults, an optional YAML of differences, and `key=value` overrides.
 
     Raises:
-        ValueError: one line naming the offending key (unknown key, wrong type, bad value).
+        ConfigError: (a ValueError) one line naming the offending key (unknown key, wrong type, bad value) or file.
     """
-    try:
-        merged = OmegaConf.structured(CurateConfig)
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value")
-            try:
-                dotted = OmegaConf.from_dotlist([item])
-            except yaml.YAMLError as exc:
-                raise ValueError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
-            merged = OmegaConf.merge(merged, dotted)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise _clean_omegaconf_error(exc) from None
-    except ValueError as exc:
-        # __post_init__ validation errors can come wrapped in multi-line OmegaConf text.
-        raise ValueError(_first_line(exc)) from None
-    assert isinstance(cfg, CurateConfig)
-    return cfg
+    return load_typed_config(CurateConfig, [] if path is None else [path], overrides or [])
 
 
 def config_to_yaml(cfg: CurateConfig) -> str:

@@ -1,4 +1,5 @@
-"""Executors that map per-shard functions: a local process pool, or a SLURM job array through submitit.
+"""Executors that map per-shard functions: a local process pool, or a SLURM job array submitted through
+`dinov2.run.slurm` (the project's one submitit path and cluster-settings schema).
 
 Both share one signature, `run(tasks, desc) -> failed shard ids`, and the same worker code, so their outputs are
 byte-identical. A worker that dies or hangs never takes a stage down: its shard is re-run alone, then item by item,
@@ -15,14 +16,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
 
 from data_pipeline.core import artifacts
-from data_pipeline.core.config import CurateConfig
+from data_pipeline.core.config import CurateConfig, ExecutorConfig
 from data_pipeline.core.lifeline import arm_forkserver, init_child
+from dinov2.run.slurm import ClusterConfig, load_cluster_config, submit_array
 
 # Test hook: seconds each shard sleeps before its part is written (lets the kill-and-resume test land mid-stage).
 SLEEP_ENV = "DATA_PIPELINE_SHARD_SLEEP_S"
@@ -164,35 +165,10 @@ def run_group(tasks: list[ShardTask], workers: int, memory_mb: int, item_timeout
     return LocalExecutor(workers, memory_mb, item_timeout_s, max_retries=0).run(tasks, desc=f"group{tasks[0].shard}")
 
 
-def slurm_parameters(cfg: CurateConfig) -> dict[str, Any]:
-    """Per-task resources: `executor.slurm_config` YAML if present, else the `executor.slurm_*` keys.
-
-    YAML keys: partition, timeout_min, cpus_per_task, mem_gb, shards_per_task, array_parallelism, and optionally
-    account, qos, constraint. A non-empty `executor.slurm_partition` overrides the YAML's partition.
-    """
-    ex = cfg.executor
-    params = {
-        "partition": ex.slurm_partition,
-        "timeout_min": ex.slurm_timeout_min,
-        "cpus_per_task": ex.slurm_cpus_per_task,
-        "mem_gb": ex.slurm_mem_gb,
-        "shards_per_task": ex.slurm_shards_per_task,
-        "array_parallelism": ex.slurm_array_parallelism,
-        "account": None,
-        "qos": None,
-        "constraint": None,
-    }
-    if ex.slurm_config and Path(ex.slurm_config).is_file():
-        from omegaconf import OmegaConf
-
-        loaded = OmegaConf.to_container(OmegaConf.load(ex.slurm_config))
-        unknown = set(loaded) - set(params)
-        if unknown:
-            raise ValueError(f"{ex.slurm_config}: unknown key(s) {sorted(unknown)}; allowed {sorted(params)}")
-        params.update(loaded)
-        if ex.slurm_partition:
-            params["partition"] = ex.slurm_partition
-    return params
+def cluster_settings(ex: ExecutorConfig) -> ClusterConfig:
+    """Per-task resources of the array: the `executor.slurm_files` cluster YAMLs merged in order, then a non-empty
+    `executor.slurm_partition` over their partition."""
+    return load_cluster_config(ex.slurm_files, {"partition": ex.slurm_partition} if ex.slurm_partition else None)
 
 
 class SlurmExecutor:
@@ -200,31 +176,19 @@ class SlurmExecutor:
 
     def __init__(self, cfg: CurateConfig, folder: Path) -> None:
         self.cfg = cfg
-        self.params = slurm_parameters(cfg)
+        self.cluster = cluster_settings(cfg.executor)
         # A fresh folder per submission: reused SLURM job ids must never pick up an older result pickle.
         self.folder = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
     def _submit(self, groups: list[list[ShardTask]]) -> list:
-        import submitit
-
-        p = self.params
-        ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="slurm")
-        ex.update_parameters(
-            timeout_min=int(p["timeout_min"]),
-            cpus_per_task=int(p["cpus_per_task"]),
-            mem_gb=p["mem_gb"],
-            slurm_array_parallelism=int(p["array_parallelism"]),
-            **{f"slurm_{k}": p[k] for k in ("partition", "account", "qos", "constraint") if p[k]},
-        )
         d = self.cfg.decode
-        n = len(groups)
-        return ex.map_array(
-            run_group, groups, [int(p["cpus_per_task"])] * n, [d.worker_memory_mb] * n, [d.item_timeout_s] * n
-        )
+        workers = self.cluster.cpus_per_task or 1  # each task's local pool uses the CPUs it was given
+        calls = [(group, workers, d.worker_memory_mb, d.item_timeout_s) for group in groups]
+        return submit_array(run_group, calls, self.cluster, self.folder)
 
     def run(self, tasks: list[ShardTask], desc: str = "") -> list[int]:
         """Submit groups of shards as one array; returns shard ids that failed after retries."""
-        k = max(1, int(self.params["shards_per_task"]))
+        k = self.cfg.executor.slurm_shards_per_task
         groups = [tasks[i : i + k] for i in range(0, len(tasks), k)]
         for _ in range(self.cfg.executor.max_retries + 1):
             if not groups:

@@ -1,20 +1,20 @@
 """SLURM through submitit: one cluster-settings schema (``slurm/*.yaml``) and one executor builder.
 
-Training (``dinov2.run.submit``) and the curation job arrays (``data_pipeline.core.executors``) both build their
-``submitit.AutoExecutor`` here. Site facts (partition, account, ...) come from YAML files such as
-``slurm/cluster.yaml``; later files and then explicit overrides win. ``slurm/README.md`` maps each key onto sbatch.
+Training (``dinov2.run.submit``: :func:`submit`) and the curation job arrays (``data_pipeline.core.executors``:
+:func:`submit_array`) both build their ``submitit.AutoExecutor`` here, from one :class:`ClusterConfig`. Site facts
+(partition, account, ...) come from YAML files such as ``slurm/cluster.yaml``; later files and then explicit
+overrides win. ``slurm/README.md`` maps each key onto sbatch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dinov2.io.yaml_config import load_typed_config
 
 DEFAULT_MAX_REQUEUES = 30  # the official launcher's slurm_max_num_timeout
 
@@ -35,6 +35,7 @@ class ClusterConfig:
             iteration plus a checkpoint save.
         max_requeues: timeouts submitit's fallback handler may requeue (``slurm_max_num_timeout``).
         job_name: the job's name in ``squeue``.
+        array_parallelism: job arrays only: how many array tasks may run at once (``--array=...%N``).
         additional_parameters: any other sbatch option, e.g. ``{"exclude": "node7"}``.
     """
 
@@ -51,6 +52,7 @@ class ClusterConfig:
     signal_delay_s: int = 120
     max_requeues: int = DEFAULT_MAX_REQUEUES
     job_name: str = "dinov2"
+    array_parallelism: int | None = None
     additional_parameters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,8 +62,9 @@ class ClusterConfig:
         for name in ("gpus_per_node", "signal_delay_s", "max_requeues"):
             if getattr(self, name) < 0:
                 raise ValueError(f"cluster {name} must be >= 0, got {getattr(self, name)}")
-        if self.tasks_per_node is not None and self.tasks_per_node < 1:
-            raise ValueError(f"cluster tasks_per_node must be >= 1, got {self.tasks_per_node}")
+        for name in ("tasks_per_node", "array_parallelism"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"cluster {name} must be >= 1, got {getattr(self, name)}")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise ValueError(f"one task per GPU: tasks_per_node={self.tasks_per_node} contradicts "
                              f"gpus_per_node={self.gpus_per_node}")
@@ -72,36 +75,16 @@ class ClusterConfig:
         return self.gpus_per_node or self.tasks_per_node or 1
 
 
-CLUSTER_KEYS = frozenset(f.name for f in dataclasses.fields(ClusterConfig))
-
-
 def load_cluster_config(paths: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> ClusterConfig:
     """Merges YAML files in order, then ``overrides``, into a validated ``ClusterConfig``.
 
+    ``key: null`` sets a key back to unset (the cluster's default); ``additional_parameters`` mappings merge key by
+    key.
+
     Raises:
-        ValueError: a missing file, a file that is not a mapping, an unknown key or an invalid value.
+        ValueError: (``ConfigError``) a missing file, a file that is not a mapping, an unknown key or an invalid value.
     """
-    values: dict[str, Any] = {}
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"cluster config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of cluster settings, got {type(loaded).__name__}")
-        unknown = sorted(set(loaded) - CLUSTER_KEYS)
-        if unknown:
-            raise ValueError(f"{path}: unknown cluster keys {unknown}; known: {sorted(CLUSTER_KEYS)}")
-        extra = {**values.get("additional_parameters", {}), **(loaded.pop("additional_parameters", None) or {})}
-        # `key: null` in a file means "unset": the cluster's (or this class's) default.
-        values.update({key: value for key, value in loaded.items() if value is not None}, additional_parameters=extra)
-    overrides = dict(overrides or {})
-    extra = {**values.get("additional_parameters", {}), **(overrides.pop("additional_parameters", None) or {})}
-    values.update(overrides, additional_parameters=extra)
-    try:
-        return ClusterConfig(**values)
-    except TypeError as error:  # a wrong type compared against an int
-        raise ValueError(f"invalid cluster settings {values}: {error}") from None
+    return load_typed_config(ClusterConfig, paths, values=overrides)
 
 
 def executor_parameters(cfg: ClusterConfig) -> dict[str, Any]:
@@ -121,6 +104,7 @@ def executor_parameters(cfg: ClusterConfig) -> dict[str, Any]:
         "slurm_account": cfg.account,
         "slurm_qos": cfg.qos,
         "slurm_constraint": cfg.constraint,
+        "slurm_array_parallelism": cfg.array_parallelism,
         "slurm_additional_parameters": cfg.additional_parameters or None,
     }
     params.update({key: value for key, value in optional.items() if value is not None})
@@ -176,3 +160,18 @@ def submit(fn: Callable[..., Any], args: Sequence[Any], cfg: ClusterConfig, fold
     return build_executor(cfg, folder).submit(fn, *args)
 
 
+def submit_array(fn: Callable[..., Any], calls: Sequence[Sequence[Any]], cfg: ClusterConfig,
+                 folder: str | Path) -> list[Any]:
+    """Validates the cluster settings, then submits ``fn(*args)`` for each ``args`` of ``calls`` as one SLURM job
+    array, each element a task with ``cfg``'s resources (at most ``cfg.array_parallelism`` running at once).
+
+    Returns:
+        One ``submitit.Job`` per element of ``calls``, in order.
+
+    Raises:
+        ValueError: before anything is submitted, if SLURM or the partition is missing.
+    """
+    check_partition(cfg.partition)
+    if not calls:
+        return []
+    return build_executor(cfg, folder).map_array(fn, *zip(*calls))
