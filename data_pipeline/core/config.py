@@ -108,7 +108,7 @@ class ExecutorConfig:
     """How shards are mapped: a local process pool or a SLURM job array through submitit.
 
     The array tasks' resources come from cluster YAML files in the schema every SLURM job of the project uses
-    (`dinov2.run.slurm.ClusterConfig`); only what that schema does not cover is a key here.
+    (`dinov2.run.slurm.KMeansConfig`); only what that schema does not cover is a key here.
     """
 
     kind: str = "local"
@@ -204,7 +204,7 @@ class DecontaminateConfig:
 
 
 @dataclass
-class ClusterConfig:
+class KMeansConfig:
     """Spherical k-means (flat) or hierarchical k-means with resampling on the retrieval embeddings."""
 
     mode: str = "kmeans"
@@ -318,7 +318,7 @@ class CurateConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     copy_dedup: CopyDedupConfig = field(default_factory=CopyDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: KMeansConfig = field(default_factory=KMeansConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -45,7 +45,7 @@ def upstream_tag(ctx: StageContext, *names: str) -> dict[bytes, bytes]:
     return {b"upstream": json.dumps(tag, sort_keys=True).encode(), b"seed": str(ctx.cfg.seed).encode()}
 
 
-def plan_copy(ctx: StageContext) -> pa.Table:
+def plan_copy_dedup(ctx: StageContext) -> pa.Table:
     """The near_dedup manifest, tagged with the embed_copy commit."""
     t = artifacts.read_table(ctx.require("near_dedup") / "manifest.parquet")
     return t.replace_schema_metadata(upstream_tag(ctx, "embed_copy"))
@@ -154,7 +154,7 @@ def _set_column(table: pa.Table, name: str, values, typ: pa.DataType) -> pa.Tabl
     return table.append_column(name, arr)
 
 
-def finish_copy(ctx: StageContext, table: pa.Table) -> dict:
+def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     """Build the copy graph; write manifest.parquet, edges.parquet, audit.parquet and components.json.
 
     Removed rows get dup_kind='copy', dup_group/dup_of = the component's kept member; rows that earlier stages
@@ -265,6 +265,6 @@ STAGE = Stage(
     inputs=("near_dedup", "embed_copy"),
     outputs=("manifest.parquet", "edges.parquet", "audit.parquet", "components.json"),
     config_sections=("copy_dedup",),
-    plan=plan_copy,
-    finish=finish_copy,
+    plan=plan_copy_dedup,
+    finish=finish_copy_dedup,
 )

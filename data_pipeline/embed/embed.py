@@ -428,22 +428,22 @@ def _finish(ctx: StageContext, table: pa.Table, stage: str, role: str) -> dict:
     return counts
 
 
-def plan_copy(ctx: StageContext) -> pa.Table:
+def plan_embed_copy(ctx: StageContext) -> pa.Table:
     """near_dedup keep rows + evaluation-set listings."""
     return make_plan(ctx, "near_dedup", "copy")
 
 
-def finish_copy(ctx: StageContext, table: pa.Table) -> dict:
+def finish_embed_copy(ctx: StageContext, table: pa.Table) -> dict:
     """Embed the pool and every evaluation set with the copy-detection model."""
     return _finish(ctx, table, "embed_copy", "copy")
 
 
-def plan_ssl(ctx: StageContext) -> pa.Table:
+def plan_embed_ssl(ctx: StageContext) -> pa.Table:
     """decontaminate keep rows + seed-set listings."""
     return make_plan(ctx, "decontaminate", "ssl")
 
 
-def finish_ssl(ctx: StageContext, table: pa.Table) -> dict:
+def finish_embed_ssl(ctx: StageContext, table: pa.Table) -> dict:
     """Embed the pool and every seed set with the SSL model."""
     return _finish(ctx, table, "embed_ssl", "ssl")
 
@@ -454,8 +454,8 @@ COPY_STAGE = Stage(
     outputs=("pool.npy", "pool_rows.parquet"),
     # The eval sets (names, files, mtimes) are rows of the plan; decontaminate's own knobs must not re-embed.
     config_sections=("embed", "decode"),
-    plan=plan_copy,
-    finish=finish_copy,
+    plan=plan_embed_copy,
+    finish=finish_embed_copy,
 )
 
 SSL_STAGE = Stage(
@@ -464,8 +464,8 @@ SSL_STAGE = Stage(
     outputs=("pool.npy", "pool_rows.parquet"),
     # The seed sets (names, files, mtimes) are rows of the plan; retrieval knobs must not re-embed the pool.
     config_sections=("embed", "decode"),
-    plan=plan_ssl,
-    finish=finish_ssl,
+    plan=plan_embed_ssl,
+    finish=finish_embed_ssl,
 )
 
 STAGES = (COPY_STAGE, SSL_STAGE)

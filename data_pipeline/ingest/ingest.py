@@ -240,7 +240,7 @@ def content_reason(path: str, member: str | None, data: bytes) -> str:
     return "not_an_image"
 
 
-def hash_shard(cfg: CurateConfig, rows: pa.Table) -> pa.Table:
+def checksum_shard(cfg: CurateConfig, rows: pa.Table) -> pa.Table:
     """Per-shard ingest: read each pending item's bytes, record size and sha256."""
     out, cache = rows.to_pylist(), {}
     for r in out:
@@ -295,6 +295,6 @@ STAGE = Stage(
     config_sections=("ingest",),
     plan=plan_ingest,
     finish=finish_ingest,
-    map_shard=hash_shard,
+    map_shard=checksum_shard,
     reject_item=reject_rows,
 )

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from braceexpand import braceexpand
 
-from dinov2.data.sources import _scan_shard, expand_braces
+from dinov2.data.sources import _scan_shard
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def expand_remote(spec: str, options: RemoteOptions | None = None) -> list[str]:
     """
     options = options or RemoteOptions()
     urls: list[str] = []
-    for pattern in expand_braces(spec):
+    for pattern in braceexpand(spec):
         if not any(ch in pattern.partition("://")[2] for ch in _GLOB_CHARS):
             urls.append(pattern)
             continue

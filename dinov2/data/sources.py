@@ -17,13 +17,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
+from braceexpand import braceexpand
 
 from dinov2.io.files import (
     MAX_FILE_BYTES,
@@ -41,8 +41,6 @@ logger = logging.getLogger("dinov2")
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 # Preference order when one WebDataset sample holds several images.
 _SHARD_IMAGE_EXTS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
-_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 _MAX_OPEN_SHARDS = 64
 
 
@@ -82,30 +80,6 @@ def content_reason(path: str) -> str:
     if found is None:
         return "not_an_image"
     return "" if found in SAFE_FORMATS else "unsupported_format"
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..009}`` ranges (zero padding kept) and ``{a,b}`` alternatives, left to right.
-
-    Args:
-        pattern: e.g. ``/data/shard-{000000..000009}.tar``.
-
-    Returns:
-        The expanded strings, in order (the pattern itself when it has no braces).
-    """
-    candidates = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
-    if not candidates:
-        return [pattern]
-    match = min(candidates, key=lambda m: m.start())  # leftmost group first, like shell brace expansion
-    if match.re is _BRACE_RANGE:
-        lo, hi = match.group(1), match.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        values = [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
-    else:
-        values = match.group(1).split(",")
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [out for value in values for out in expand_braces(head + value + tail)]
 
 
 class ImageFileSource:
@@ -422,7 +396,7 @@ def open_source(spec: str) -> ImageSource:
         return _image_files(entries, os.path.dirname(os.path.abspath(spec)), f"file list {spec}")
     if ".tar" in spec or any(ch in spec for ch in "{*?["):
         paths: list[str] = []
-        for pattern in expand_braces(spec):
+        for pattern in braceexpand(spec):  # shell-style {000..009} ranges and {a,b} lists, as webdataset
             # Non-regular matches stay in, to be refused with a reason; braces name files that may be missing.
             matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
             paths.extend(p for p in matches if not os.path.isdir(p))

@@ -29,7 +29,7 @@ from data_pipeline.cluster.kmeans import (
     water_fill,
 )
 from data_pipeline.core import artifacts
-from data_pipeline.core.config import ClusterConfig, CurateConfig, RetrieveConfig, SeedSetConfig, load_config
+from data_pipeline.core.config import CurateConfig, KMeansConfig, RetrieveConfig, SeedSetConfig, load_config
 from data_pipeline.core.stage import StageContext, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def write_upstream(root: Path, pool: np.ndarray, seeds: dict[str, tuple[np.ndarr
 def make_cfg(seed_sets: list[SeedSetConfig] | None = None, **cluster_kw) -> CurateConfig:
     cfg = load_config()
     # One thread: results are only comparable at a fixed thread count, and 2 threads thrash on a shared CI box.
-    cfg.cluster = ClusterConfig(**{"threads": 1, "iterations": 10, **cluster_kw})
+    cfg.cluster = KMeansConfig(**{"threads": 1, "iterations": 10, **cluster_kw})
     cfg.retrieve = RetrieveConfig(seed_sets=list(seed_sets or []))
     return cfg
 
@@ -219,10 +219,10 @@ def slow_save(self, *args):
     _save(self, *args)
     time.sleep(0.05)
 kmeans.Checkpointer.save = slow_save
-from data_pipeline.core.config import ClusterConfig, load_config
+from data_pipeline.core.config import KMeansConfig, load_config
 from data_pipeline.core.stage import StageContext, run_stage
 cfg = load_config()
-cfg.cluster = ClusterConfig(**{kw!r})
+cfg.cluster = KMeansConfig(**{kw!r})
 run_stage(cluster.STAGE, StageContext(cfg, Path({root!r})))
 """
 

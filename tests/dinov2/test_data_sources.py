@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dinov2.data.sources import ImageFolderSource, TarShardSource, expand_braces, open_source
+from dinov2.data.sources import ImageFolderSource, TarShardSource, open_source
 
 
 def _jpeg(seed, size=24, fmt="JPEG"):
@@ -133,12 +133,6 @@ def test_compressed_tar_and_no_match_are_errors(tmp_path):
         open_source(str(tmp_path / "nothing-{000..003}.tar"))
     with pytest.raises(ValueError, match="expected an existing directory"):
         open_source(str(tmp_path / "not-there"))
-
-
-def test_expand_braces():
-    assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
-    assert expand_braces("{a,b}/{0..1}") == ["a/0", "a/1", "b/0", "b/1"]
-    assert expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_official_imagenet_string(tmp_path):

@@ -4,7 +4,7 @@ A 2-task CPU (gloo) run of a tiny ViT is preempted with USR2, saves, is requeued
 requeue hold) and resumes at the next iteration with the per-iteration losses of an uninterrupted run; a real time
 limit requeues and resumes the same way; a bad partition or a missing config fails before anything is submitted.
 Only CLI behaviour is relied on: the exit status and printed job id, ``training_metrics.json`` and ``logs/log.txt``.
-(``test_slurm_launch.py`` covers the launcher pieces with toy jobs.)
+(``test_slurm_submit.py`` covers the submission pieces with toy jobs.)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.core.config import CurateConfig
-from data_pipeline.ingest.ingest import MANIFEST_SCHEMA, hash_shard, list_source, stable_id
+from data_pipeline.ingest.ingest import MANIFEST_SCHEMA, checksum_shard, list_source, stable_id
 
 
 def test_folder_listing_recursive_sorted_and_stable(planted_src, tmp_path):
@@ -27,7 +27,7 @@ def test_folder_listing_recursive_sorted_and_stable(planted_src, tmp_path):
     rows = list_source(str(tmp_path / "a"))
     # Every regular file has a row; its content decides: the suffix-less JPEG is kept, the text is rejected.
     assert [r["path"] for r in rows] == [str(nested / n) for n in ("notes.txt", "photo", "x.png")]
-    hashed = hash_shard(CurateConfig(), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)).to_pylist()
+    hashed = checksum_shard(CurateConfig(), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)).to_pylist()
     assert [(r["status"], r["reject_reason"]) for r in hashed] == [("rejected", "not_an_image"), ("ok", ""),
                                                                     ("ok", "")]
 
@@ -43,7 +43,7 @@ def test_file_lists_text_and_parquet(planted_src, tmp_path):
     pq.write_table(pa.table({"uri": [str(src / n) for n in names], "caption": ["a", "b"]}), par)
     prow = list_source(str(par))
     assert [r["path"] for r in prow] == [str(src / n) for n in names]
-    hashed = hash_shard(CurateConfig(), pa.Table.from_pylist(prow, schema=MANIFEST_SCHEMA)).to_pylist()
+    hashed = checksum_shard(CurateConfig(), pa.Table.from_pylist(prow, schema=MANIFEST_SCHEMA)).to_pylist()
     for r, n in zip(hashed, names):
         data = (src / n).read_bytes()
         assert (r["status"], r["nbytes"], r["sha256"]) == ("ok", len(data), hashlib.sha256(data).hexdigest())
@@ -60,7 +60,7 @@ def test_webdataset_shard_members(planted_src, tmp_path):
                 tf.addfile(info, io.BytesIO(data))
     rows = list_source(str(shard))
     assert [r["member"] for r in rows] == ["s0.jpg", "s1.jpg"]
-    hashed = hash_shard(CurateConfig(), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)).to_pylist()
+    hashed = checksum_shard(CurateConfig(), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)).to_pylist()
     want = hashlib.sha256((src / "coins_q50.jpg").read_bytes()).hexdigest()
     assert hashed[0]["sha256"] == hashed[1]["sha256"] == want
     assert len({r["id"] for r in rows}) == 2
