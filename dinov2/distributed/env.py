@@ -1,4 +1,5 @@
-"""Distributed state as an explicit value: ``DistEnv`` from SLURM, torchrun or a single process, and its collectives."""
+"""Distributed state as an explicit value: ``DistEnv`` from SLURM (through submitit), torchrun or a single process, and
+its collectives."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+from submitit.slurm.slurm import SlurmJobEnvironment, SlurmParseException
 
 logger = logging.getLogger("dinov2")
 
@@ -57,33 +60,32 @@ class DistEnv:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None, use_cuda: bool | None = None) -> DistEnv:
-        """Reads the process layout from environment variables.
+    def from_environment(cls, use_cuda: bool | None = None) -> DistEnv:
+        """Reads the process layout from this process's environment variables.
 
         Sources, in order:
           1. torchrun: all of ``MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE``. Checked
              first because torchrun started inside a SLURM allocation inherits SLURM's variables for the wrong layout.
-          2. A SLURM job step (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_PROCID`` set, i.e. under ``srun``):
-             rank ``SLURM_PROCID``, world ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``, local rank ``SLURM_LOCALID``,
-             master = first host of the node list, port = ``MASTER_PORT`` or derived from the job id. A batch
-             script outside ``srun`` (no ``SLURM_STEP_ID``) is a single process even when ``SLURM_NTASKS`` > 1.
+          2. A SLURM job step (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_PROCID`` set, i.e. under ``srun``, as in
+             every task submitit starts): read by submitit (:class:`SlurmStepEnvironment`); master = first host of
+             the step's node list, port = ``MASTER_PORT`` or derived from the job id. A batch script outside
+             ``srun`` (no ``SLURM_STEP_ID``) is a single process even when ``SLURM_NTASKS`` > 1.
           3. Otherwise a single process (world 1, no process group needed).
 
         Args:
-            environ: variables to read; ``os.environ`` by default.
             use_cuda: put this rank on ``cuda:<local_rank>``; default: whether CUDA is available.
 
         Raises:
             ValueError: a partial torchrun set outside SLURM (the message lists the missing names), or malformed values.
         """
-        environ = os.environ if environ is None else environ
+        environ = os.environ
         use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
         present = [name for name in TORCHRUN_VARS if name in environ]
         in_slurm_step = all(name in environ for name in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID"))
         if len(present) == len(TORCHRUN_VARS):
             layout = _layout_from_torchrun(environ)
         elif in_slurm_step:
-            layout = _layout_from_slurm(environ)
+            layout = _layout_from_slurm()
         elif present:
             missing = [name for name in TORCHRUN_VARS if name not in environ]
             raise ValueError(f"partially set torchrun environment: {', '.join(present)} set but "
@@ -113,23 +115,32 @@ def _layout_from_torchrun(environ: Mapping[str, str]) -> dict:
     }
 
 
-def _layout_from_slurm(environ: Mapping[str, str]) -> dict:
-    # Step-level variables first: `srun -n 1` inside a 2-task allocation is a world of 1.
-    world_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
-        raise ValueError("SLURM step without SLURM_JOB_NODELIST: cannot find the master host")
-    hosts = parse_nodelist(nodelist)
-    world_size = _int_var(environ, world_var) if world_var in environ else 1
-    port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else port_from_job_id(environ["SLURM_JOB_ID"])
-    return {
-        "rank": _int_var(environ, "SLURM_PROCID"),
-        "world_size": world_size,
-        "local_rank": _int_var(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
-        "local_world_size": max(1, world_size // len(hosts)),
-        "master_addr": hosts[0],
-        "master_port": port,
+class SlurmStepEnvironment(SlurmJobEnvironment):
+    """submitit's view of a SLURM task, reading the job *step*'s task count, node count and node list (which srun
+    sets for the tasks it starts) instead of the job's: ``srun -n 1`` inside a 2-task allocation is a world of 1.
+
+    submitit parses SLURM's compressed host lists (``gpu[07-08,10],cpu3``); its ``_env`` table is the documented way
+    to point a ``JobEnvironment`` at other variables.
+    """
+
+    _env: ClassVar[dict[str, str]] = {
+        **SlurmJobEnvironment._env,
+        "num_tasks": "SLURM_STEP_NUM_TASKS",
+        "num_nodes": "SLURM_STEP_NUM_NODES",
+        "nodes": "SLURM_STEP_NODELIST",
     }
+
+
+def _layout_from_slurm() -> dict:
+    step = SlurmStepEnvironment()
+    try:
+        layout = {"rank": step.global_rank, "world_size": step.num_tasks, "local_rank": step.local_rank,
+                  "local_world_size": max(1, step.num_tasks // step.num_nodes), "master_addr": step.hostnames[0]}
+    except (ValueError, SlurmParseException) as error:
+        raise ValueError(f"malformed SLURM environment: {error}") from None
+    port = os.environ.get("MASTER_PORT")
+    layout["master_port"] = _int_var(os.environ, "MASTER_PORT") if port else port_from_job_id(step.raw_job_id)
+    return layout
 
 
 def port_from_job_id(job_id: str) -> int:
@@ -142,57 +153,6 @@ def port_from_job_id(job_id: str) -> int:
     if not digits:
         raise ValueError(f"SLURM_JOB_ID {job_id!r} holds no digits")
     return PORT_LOW + int(digits) % (PORT_HIGH - PORT_LOW)
-
-
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Expands a SLURM host list, e.g. ``"gpu[01-02,7],cpu1"`` -> ``["gpu01", "gpu02", "gpu7", "cpu1"]``.
-
-    Zero padding of a range is kept (``[08-10]`` -> ``08, 09, 10``) and several bracket groups in one name expand as
-    a product (``r[1-2]n[1-2]`` -> ``r1n1, r1n2, r2n1, r2n2``).
-
-    Raises:
-        ValueError: unbalanced brackets, an empty list or a descending range.
-    """
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist):
-        hosts.extend(_expand_host(item))
-    if not hosts:
-        raise ValueError(f"empty SLURM node list {nodelist!r}")
-    return hosts
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Splits on commas that are not inside brackets."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth not in (0, 1):
-            raise ValueError(f"unbalanced brackets in SLURM node list {text!r}")
-        if char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"unbalanced brackets in SLURM node list {text!r}")
-    items.append(text[start:])
-    return [item.strip() for item in items if item.strip()]
-
-
-def _expand_host(item: str) -> list[str]:
-    match = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
-    if match is None:
-        return [item]
-    prefix, ranges, rest = match.groups()
-    suffixes = _expand_host(rest) if rest else [""]
-    names = []
-    for part in ranges.split(","):
-        low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            raise ValueError(f"bad range {part!r} in SLURM node list {item!r}")
-        high = high or low
-        if int(high) < int(low):
-            raise ValueError(f"descending range {part!r} in SLURM node list {item!r}")
-        names.extend(f"{prefix}{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
-    return [name + suffix for name in names for suffix in suffixes]
 
 
 def init_distributed(env: DistEnv, timeout: timedelta = timedelta(minutes=30)) -> DistEnv:

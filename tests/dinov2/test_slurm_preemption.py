@@ -57,9 +57,9 @@ def test_requeue_limit_is_an_error_before_any_scontrol_call() -> None:
 
 
 def _agreement_worker(index: int, port: int, out_dir: str) -> None:
-    environ = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(index), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(index), "LOCAL_WORLD_SIZE": "2"}
-    env = init_distributed(DistEnv.from_environment(environ, use_cuda=False))
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(index), "WORLD_SIZE": "2",
+                       "LOCAL_RANK": str(index), "LOCAL_WORLD_SIZE": "2"})  # this forked worker's own environment
+    env = init_distributed(DistEnv.from_environment(use_cuda=False))
     with PreemptionHandler() as handler:
         before = handler.should_stop(env)
         if env.rank == 1:  # only one rank is signalled
