@@ -35,6 +35,7 @@ import torch
 from dinov2.eval.datasets import LabelledImages, open_images
 from dinov2.eval.features import FEATURE_KINDS, iter_features, pick_device
 from dinov2.io.atomic import atomic_path, write_text_atomic
+from dinov2.io.cli import add_image_arguments, add_model_arguments, run_cli, tool_parser
 from dinov2.io.files import escape_name
 
 logger = logging.getLogger("dinov2")
@@ -164,36 +165,33 @@ def extract_to_dir(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint or weights file (any supported layout)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser("python -m dinov2.eval.extract", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="image folder, .tar shards (glob/braces) or a .txt list")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--features", default="cls,patch_mean", help=f"comma list of {','.join(FEATURE_KINDS)}")
     parser.add_argument("--layers", type=int, default=4, help="last blocks whose class tokens 'layers' holds")
     parser.add_argument("--format", default="npy", choices=("npy", "parquet"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    add_image_arguments(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
     kinds = [k.strip() for k in args.features.split(",") if k.strip()]
-    try:
-        model = load_backbone(args.weights).to(pick_device(args.device))
-        data = open_images(args.data)
-        summary = extract_to_dir(
-            model, data, args.output_dir, kinds, args.layers, args.format, args.dtype, args.image_size,
-            args.batch_size, args.num_workers,
-        )  # fmt: skip
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = load_backbone(args.weights).to(pick_device(args.device))
+    summary = extract_to_dir(
+        model, open_images(args.data), args.output_dir, kinds, args.layers, args.format, args.dtype, args.image_size,
+        args.batch_size, args.num_workers,
+    )  # fmt: skip
     print(json.dumps({k: summary[k] for k in ("n_images", "n_unreadable", "features")}, indent=2))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from dinov2.eval.datasets import (  # noqa: F401  (re-exported: the public API o
     open_labelled,
 )
 from dinov2.eval.features import extract_features
+from dinov2.io.atomic import write_text_atomic
+from dinov2.io.cli import add_image_arguments, add_model_arguments, run_cli, tool_parser
 
 logger = logging.getLogger("dinov2")
 
@@ -142,42 +144,31 @@ def evaluate_knn(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint or weights file (any supported layout)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser("python -m dinov2.eval.knn", __doc__)
+    add_model_arguments(parser, device=False)
     parser.add_argument("--train-dataset", required=True)
     parser.add_argument("--val-dataset", required=True)
-    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS))
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="write results_eval_knn.json here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    add_image_arguments(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    try:
-        model = load_backbone(args.weights)
-        results = evaluate_knn(
-            model,
-            args.train_dataset,
-            args.val_dataset,
-            args.image_size,
-            tuple(args.nb_knn),
-            args.temperature,
-            args.batch_size,
-            args.num_workers,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = load_backbone(args.weights)
+    results = evaluate_knn(model, args.train_dataset, args.val_dataset, args.image_size, tuple(args.nb_knn),
+                           args.temperature, args.batch_size, args.num_workers)
     print(json.dumps(results, indent=2))
     if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results_eval_knn.json").write_text(json.dumps(results, indent=2))
-    return 0
+        write_text_atomic(Path(args.output_dir) / "results_eval_knn.json", json.dumps(results, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from torch import nn
 from dinov2.eval.datasets import LabelledImages, open_labelled
 from dinov2.eval.features import extract_features, pick_device
 from dinov2.io.atomic import write_text_atomic
+from dinov2.io.cli import add_image_arguments, add_model_arguments, run_cli, tool_parser
 
 logger = logging.getLogger("dinov2")
 
@@ -286,9 +287,9 @@ def _write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint or weights file (any supported layout)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser("python -m dinov2.eval.linear", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--train-dataset", required=True)
     parser.add_argument("--val-dataset", default=None, help="selection split; default: --val-fraction of train")
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -298,30 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
     parser.add_argument("--n-last-blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS))
     parser.add_argument("--batch-size", type=int, default=256, help="head training batch; lrs are scaled by it/256")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--feature-batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true",
                         help="re-encode the train split every epoch under random-resized crop + flip (official)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    add_image_arguments(parser, batch_flag="--feature-batch-size")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    try:
-        model = load_backbone(args.weights).to(pick_device(args.device))
-        results = run_linear_eval(
-            model, args.train_dataset, args.output_dir, args.val_dataset, args.test_dataset, args.val_fraction,
-            args.image_size, tuple(args.lrs), tuple(args.n_last_blocks), args.epochs, args.batch_size, args.seed,
-            args.feature_batch_size, args.num_workers, args.augment,
-        )  # fmt: skip
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = load_backbone(args.weights).to(pick_device(args.device))
+    results = run_linear_eval(
+        model, args.train_dataset, args.output_dir, args.val_dataset, args.test_dataset, args.val_fraction,
+        args.image_size, tuple(args.lrs), tuple(args.n_last_blocks), args.epochs, args.batch_size, args.seed,
+        args.feature_batch_size, args.num_workers, args.augment,
+    )  # fmt: skip
     summary = {k: results[k] for k in ("chosen", "val_accuracy", "test_accuracy", "n_train", "n_val")}
     print(json.dumps(summary, indent=2))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch import nn
 
 from dinov2.eval.datasets import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.eval.features import pick_device
+from dinov2.io.cli import add_model_arguments, run_cli, tool_parser
 
 logger = logging.getLogger("dinov2")
 
@@ -177,29 +178,28 @@ def visualize_files(
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint or weights file (any supported layout)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser("python -m dinov2.eval.visualize", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--images", required=True, nargs="+")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--image-size", type=int, default=448, help="square side; a multiple of the patch size")
     parser.add_argument("--threshold", type=float, default=0.6, help="attention mass kept in the thresholded maps")
     parser.add_argument("--no-pca-mask", action="store_true", help="colour every patch, background included")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    try:
-        model = load_backbone(args.weights).to(pick_device(args.device))
-        paths = visualize_files(
-            model, args.images, args.output_dir, args.image_size, args.threshold, not args.no_pca_mask
-        )
-    except (ValueError, OSError) as error:  # OSError: a missing or unreadable image
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = load_backbone(args.weights).to(pick_device(args.device))
+    paths = visualize_files(model, args.images, args.output_dir, args.image_size, args.threshold,
+                            not args.no_pca_mask)
     print("\n".join(str(p) for p in paths))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dinov2.io.atomic import atomic_path, write_atomic, write_text_atomic
+from dinov2.io.cli import add_model_arguments, run_cli, tool_parser
 from dinov2.weights.arch import BackboneSpec, infer_spec
 from dinov2.weights.formats import StateDict, from_canonical, to_canonical, unchunk
 from dinov2.weights.load import extract_backbone, hf_num_heads, load_state
@@ -112,37 +113,28 @@ def export_backbone(
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: convert any supported checkpoint to the hub, timm or HF layout."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dinov2.weights.export",
-        description="Export a DINOv2 backbone (from hub/timm/HF files or training checkpoints) to another layout.",
-    )
-    parser.add_argument("--weights", required=True, help="input .pth/.safetensors file or HF directory")
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser("python -m dinov2.weights.export", "Export a DINOv2 backbone (from hub/timm/HF files or "
+                         "training checkpoints) to another layout.")
+    add_model_arguments(parser, device=False, weights_help="input .pth/.safetensors file or HF directory")
     parser.add_argument("--format", required=True, choices=FORMATS, help="output layout")
     parser.add_argument("--out", required=True, help="output file (hub, timm) or directory (hf)")
     parser.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        state = load_state(args.weights, which="student" if args.student else "teacher")
-        path = export_backbone(state, args.out, args.format, num_heads=hf_num_heads(args.weights))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    spec = infer_spec(state, num_heads=hf_num_heads(args.weights))
-    logger.info(
-        "wrote %s (%s layout): D=%d depth=%d heads=%d registers=%d ffn=%s img_size=%d",
-        path,
-        args.format,
-        spec.embed_dim,
-        spec.depth,
-        spec.num_heads,
-        spec.num_register_tokens,
-        spec.ffn_layer,
-        spec.img_size,
-    )
-    return 0
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    state = load_state(args.weights, which="student" if args.student else "teacher")
+    num_heads = hf_num_heads(args.weights)
+    path = export_backbone(state, args.out, args.format, num_heads=num_heads)
+    spec = infer_spec(state, num_heads=num_heads)
+    logger.info("wrote %s (%s layout): D=%d depth=%d heads=%d registers=%d ffn=%s img_size=%d", path, args.format,
+                spec.embed_dim, spec.depth, spec.num_heads, spec.num_register_tokens, spec.ffn_layer, spec.img_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: convert any supported checkpoint to the hub, timm or HF layout."""
+    return run_cli(build_parser(), _run, argv, log_format="%(message)s")
 
 
 if __name__ == "__main__":
