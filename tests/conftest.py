@@ -1,4 +1,4 @@
-"""Shared test set-up: the single-node SLURM cluster fixture and the ``gpu`` marker's skip.
+"""Shared test set-up: the single-node SLURM cluster fixture, the ``gpu`` marker's skip, and the tiny training run.
 
 The cluster is started by ``slurm/cluster_up.sh`` (root and apt needed) once per session and left running at the
 end: starting it again is a no-op, and stopping it would only cost the next session ~6 s.
@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,25 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> SlurmCluster:
         pytest.skip(reason)
     return SlurmCluster(partition=os.environ.get("SLURM_PARTITION", "debug"),
                         log_root=tmp_path_factory.mktemp("slurm_logs"))
+
+
+def tiny_train_overrides(data: Path, max_iter: int, out: Path | None = None, *extra: str) -> list[str]:
+    """Config overrides of a tiny, deterministic CPU training run on the images at ``data``: a 2-block 32-wide ViT
+    (patch 8, 32/16 px crops, 2 local crops), 64 prototypes, batch 4, 10-iteration epochs, fp32, a metrics line every
+    iteration and a checkpoint every 5. ``extra`` overrides come last, so they win."""
+    return [
+        f"train.dataset_path={data}", *([f"train.output_dir={out}"] if out is not None else []),
+        "student.arch=vit_custom", "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
+        "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+        "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+        "ibot.head_n_prototypes=64", "train.batch_size_per_gpu=4", "train.num_workers=0", f"train.max_iter={max_iter}",
+        "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0",
+        "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=5",
+        "train.autocast_dtype=fp32", "train.deterministic=true", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_train() -> Callable[..., list[str]]:
+    """:func:`tiny_train_overrides`: ``tiny_train(data, max_iter, out=None, *extra)``."""
+    return tiny_train_overrides

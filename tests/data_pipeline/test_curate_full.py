@@ -99,22 +99,14 @@ def test_shards_hold_exactly_the_selection(full_setup):
     assert (out / "report" / "report.html").is_file()
 
 
-def test_trainer_trains_on_the_shards(full_setup, tmp_path):
+def test_trainer_trains_on_the_shards(full_setup, tmp_path, tiny_train):
     _, _, _, out, _, _ = full_setup
     from dinov2.config import load_config as load_train_config
     from dinov2.distributed.env import DistEnv
     from dinov2.train.train import train
 
     pattern = json.loads((out / "shards" / "index.json").read_text())["pattern"]
-    cfg = load_train_config(None, [
-        f"train.dataset_path={out / 'shards' / pattern}", f"train.output_dir={tmp_path}", "student.arch=vit_custom",
-        "student.embed_dim=32", "student.depth=2", "student.num_heads=2", "student.patch_size=8",
-        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-        "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-        "ibot.head_n_prototypes=64", "train.batch_size_per_gpu=2", "train.num_workers=0", "train.max_iter=2",
-        "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=2", "optim.warmup_epochs=1", "train.device=cpu",
-        "train.autocast_dtype=fp32",
-    ])
+    cfg = load_train_config(None, tiny_train(out / "shards" / pattern, 2, tmp_path, "train.batch_size_per_gpu=2"))
     summary = train(cfg, DistEnv(), resume=False)
     assert summary["iteration"] == 1 and all(v == v for v in summary["losses"])
     assert not summary["images_skipped"]

@@ -40,22 +40,18 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_ITER = 4  # checkpoints and exports after iterations 1 and 3 (period 2)
 
 
-def tiny_overrides(data: Path, out: Path, max_iter: int, strategy: str) -> list[str]:
-    return [
-        f"train.dataset_path={data}", f"train.output_dir={out}", "student.arch=vit_custom", "student.embed_dim=32",
-        "student.depth=2", "student.num_heads=2", "student.patch_size=8", "crops.global_crops_size=32",
-        "crops.local_crops_size=16", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
-        "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64",
-        "train.batch_size_per_gpu=4", "train.num_workers=0", f"train.max_iter={max_iter}",
-        "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0",
-        "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=2",
-        "evaluation.eval_period_iterations=2", "train.autocast_dtype=fp32", "train.deterministic=true",
-        "optim.clip_grad=0.05",  # small enough that clipping is active: the norms must be the global ones
-        # LayerScale 1.0: at the official 1e-5 every CLS token is nearly the same, KoLeo's -log(distance) is then
-        # ill-conditioned, and the strategies' different summation orders flip its nearest neighbours.
-        "student.layerscale=1.0",
-        f"train.strategy={strategy}",
-    ]
+# On top of the shared tiny run: checkpoints and exports every 2 iterations; clipping small enough to be active (the
+# norms must be the global ones); LayerScale 1.0: at the official 1e-5 every CLS token is nearly the same, KoLeo's
+# -log(distance) is then ill-conditioned, and the strategies' different summation orders flip its nearest neighbours.
+SCALE_OUT = ("train.checkpoint_period=2", "evaluation.eval_period_iterations=2", "optim.clip_grad=0.05",
+             "student.layerscale=1.0")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_train, image_folder):
+    """``run(out, max_iter, strategy, *extra)``: the overrides of one scale-out run on ``image_folder``."""
+    return lambda out, max_iter, strategy, *extra: tiny_train(image_folder, max_iter, out, *SCALE_OUT,
+                                                             f"train.strategy={strategy}", *extra)
 
 
 def _free_port() -> int:
@@ -102,9 +98,9 @@ def losses(out: Path) -> list[float]:
     return [row["total_loss"] for row in metrics(out)]
 
 
-def plain_state(path: Path, data: Path) -> dict[str, torch.Tensor]:
+def plain_state(path: Path, run) -> dict[str, torch.Tensor]:
     """A checkpoint's model and optimizer tensors read back in this (world-1, no process group) process."""
-    cfg = load_config(None, tiny_overrides(data, path, MAX_ITER, "none"))
+    cfg = load_config(None, run(path, MAX_ITER, "none"))
     model = build_student_teacher(cfg)
     groups = build_param_groups(dict(model.student.items()), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
@@ -116,15 +112,15 @@ def plain_state(path: Path, data: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def world2(image_folder, tmp_path_factory) -> dict[str, Path]:
+def world2(run, tmp_path_factory) -> dict[str, Path]:
     """World-2 runs in one launch: ``fsdp`` and ``none`` (flat-gradient all-reduce) straight to MAX_ITER, and ``split``
     (FSDP2 stopped after iteration 1, then resumed from its sharded checkpoint to MAX_ITER)."""
     outs = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "none", "split")}
     launch_world(2, [
-        tiny_overrides(image_folder, outs["fsdp"], MAX_ITER, "fsdp"),
-        tiny_overrides(image_folder, outs["none"], MAX_ITER, "none"),
-        tiny_overrides(image_folder, outs["split"], 2, "fsdp") + ["train.max_to_keep=1"],
-        tiny_overrides(image_folder, outs["split"], MAX_ITER, "fsdp") + ["train.max_to_keep=1"],
+        run(outs["fsdp"], MAX_ITER, "fsdp"),
+        run(outs["none"], MAX_ITER, "none"),
+        run(outs["split"], 2, "fsdp", "train.max_to_keep=1"),
+        run(outs["split"], MAX_ITER, "fsdp", "train.max_to_keep=1"),
     ])
     return outs
 
@@ -133,7 +129,7 @@ def last_checkpoint(out: Path) -> Path:
     return out / "checkpoints" / f"iter_{MAX_ITER - 1:07d}"
 
 
-def test_fsdp_matches_manual_all_reduce(world2, image_folder):
+def test_fsdp_matches_manual_all_reduce(world2, run):
     fsdp, manual = metrics(world2["fsdp"]), metrics(world2["none"])
     assert [row["iteration"] for row in fsdp] == list(range(MAX_ITER))
     np.testing.assert_allclose(losses(world2["fsdp"]), losses(world2["none"]), rtol=1e-5)
@@ -141,14 +137,14 @@ def test_fsdp_matches_manual_all_reduce(world2, image_folder):
         # clip_grad is below these norms, so a per-shard norm would clip differently and the states would drift
         assert all(row[key] > 0.05 for row in manual)
         np.testing.assert_allclose([r[key] for r in fsdp], [r[key] for r in manual], rtol=1e-4)
-    a = plain_state(last_checkpoint(world2["fsdp"]), image_folder)
-    b = plain_state(last_checkpoint(world2["none"]), image_folder)
+    a = plain_state(last_checkpoint(world2["fsdp"]), run)
+    b = plain_state(last_checkpoint(world2["none"]), run)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_sharded_layout_and_consolidated_export(world2, image_folder):
+def test_sharded_layout_and_consolidated_export(world2, run):
     ckpt = last_checkpoint(world2["fsdp"])
     assert {".metadata", COMMIT_MARKER, "extras_rank0.pt", "extras_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
@@ -159,7 +155,7 @@ def test_sharded_layout_and_consolidated_export(world2, image_folder):
     loaded = backbone.state_dict()
     assert all(torch.equal(loaded[k], expected[k]) for k in ("cls_token", "pos_embed", "blocks.1.mlp.fc2.weight"))
     # the consolidated teacher is the checkpoint's teacher, gathered from both ranks' shards
-    state = plain_state(ckpt, image_folder)
+    state = plain_state(ckpt, run)
     assert all(torch.equal(state[f"model.teacher.{k}"], v) for k, v in teacher.items())
     # tools read the same tensors without a model or a process group
     plain = read_checkpoint(ckpt)
@@ -170,12 +166,12 @@ def test_sharded_layout_and_consolidated_export(world2, image_folder):
     assert features.shape == (1, 32)
 
 
-def test_bitwise_resume_at_world_2(world2, image_folder):
+def test_bitwise_resume_at_world_2(world2, run):
     rows = metrics(world2["split"])
     assert [row["iteration"] for row in rows] == list(range(MAX_ITER))  # 0, 1 then 2, 3 after the restart
     assert losses(world2["split"]) == losses(world2["fsdp"])
-    a = plain_state(last_checkpoint(world2["fsdp"]), image_folder)
-    b = plain_state(last_checkpoint(world2["split"]), image_folder)
+    a = plain_state(last_checkpoint(world2["fsdp"]), run)
+    b = plain_state(last_checkpoint(world2["split"]), run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # retention (max_to_keep=1) removed the checkpoint the run resumed from once a newer one was committed
     assert [it for it, _ in list_valid_checkpoints(world2["split"])] == [MAX_ITER - 1]
@@ -201,18 +197,18 @@ def test_sharded_save_refuses_non_finite_and_extras_fall_back(tmp_path):
     assert not exact and "rng" not in other and other["loader"] == {"next_batch": 1}
 
 
-def test_reshard_world_2_to_1_ignoring_torn_checkpoint(world2, image_folder, tmp_path):
+def test_reshard_world_2_to_1_ignoring_torn_checkpoint(world2, tmp_path, run):
     out = tmp_path / "world1"
     shutil.copytree(world2["fsdp"] / "checkpoints", out / "checkpoints")
     # A save killed before its marker: never loaded, so the run continues from iteration 1.
     (last_checkpoint(out) / COMMIT_MARKER).unlink()
     assert [it for it, _ in list_valid_checkpoints(out)] == [1]
     # Loading at world 1 gives the teacher that world 2 consolidated at the same iteration, and the optimizer state.
-    state = plain_state(out / "checkpoints" / "iter_0000001", image_folder)
+    state = plain_state(out / "checkpoints" / "iter_0000001", run)
     teacher = torch.load(world2["fsdp"] / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)
     assert all(torch.equal(state[f"model.teacher.{k}"], v) for k, v in teacher["teacher"].items())
     assert int(state["optimizer.0.step"]) == 2
-    summary = train(load_config(None, tiny_overrides(image_folder, out, MAX_ITER, "auto")), DistEnv())
+    summary = train(load_config(None, run(out, MAX_ITER, "auto")), DistEnv())
     assert [row["iteration"] for row in metrics(out)] == [2, 3]
     # other images (rank 0's stream at world 1), same weights: the loss stays in the world-2 run's range
     np.testing.assert_allclose(summary["losses"], losses(world2["fsdp"])[2:], rtol=0.25)
@@ -221,16 +217,16 @@ def test_reshard_world_2_to_1_ignoring_torn_checkpoint(world2, image_folder, tmp
 
 
 @pytest.mark.slow
-def test_reshard_world_1_to_2(image_folder, tmp_path):
+def test_reshard_world_1_to_2(tmp_path, run):
     out = tmp_path / "grow"
-    first = train(load_config(None, tiny_overrides(image_folder, out, 2, "auto")), DistEnv())
+    first = train(load_config(None, run(out, 2, "auto")), DistEnv())
     assert (out / "checkpoints" / "iter_0000001" / "state.pth").is_file()
-    launch_world(2, [tiny_overrides(image_folder, out, MAX_ITER, "fsdp")])
+    launch_world(2, [run(out, MAX_ITER, "fsdp")])
     rows = metrics(out)
     assert [row["iteration"] for row in rows] == list(range(MAX_ITER))
     np.testing.assert_allclose(losses(out)[2:], first["losses"][-1], rtol=0.25)
     # the world-2 checkpoint holds the world-1 weights advanced by two optimizer steps
-    resumed = plain_state(last_checkpoint(out), image_folder)
+    resumed = plain_state(last_checkpoint(out), run)
     assert int(resumed["optimizer.0.step"]) == MAX_ITER
     start = torch.load(out / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     drift = max(float((resumed[f"model.teacher.{k}"] - v).abs().max()) for k, v in start.items())
@@ -238,11 +234,11 @@ def test_reshard_world_1_to_2(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_matches_manual_all_reduce(world2, image_folder, tmp_path):
+def test_ddp_matches_manual_all_reduce(world2, tmp_path, run):
     out = tmp_path / "ddp"
-    launch_world(2, [tiny_overrides(image_folder, out, MAX_ITER, "ddp")])
+    launch_world(2, [run(out, MAX_ITER, "ddp")])
     np.testing.assert_allclose(losses(out), losses(world2["none"]), rtol=1e-5)
-    a = plain_state(last_checkpoint(out), image_folder)
-    b = plain_state(last_checkpoint(world2["none"]), image_folder)
+    a = plain_state(last_checkpoint(out), run)
+    b = plain_state(last_checkpoint(world2["none"]), run)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dinov2.config import ConfigError, load_config
 from dinov2.data import build_train_loader
@@ -18,17 +17,18 @@ from dinov2.train.train import build_student_teacher, train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny(data: Path, out: Path, size: int, max_iter: int, *extra: str) -> list[str]:
-    return [
-        f"train.dataset_path={data}", f"train.output_dir={out}", "student.arch=vit_custom", "student.embed_dim=32",
-        "student.depth=2", "student.num_heads=2", "student.patch_size=14", f"crops.global_crops_size={size}",
-        "crops.local_crops_size=28", "crops.local_crops_number=1", "dino.head_n_prototypes=64",
-        "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64",
-        "train.batch_size_per_gpu=2", "train.num_workers=0", f"train.max_iter={max_iter}",
-        "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0",
-        "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=1",
-        "train.max_to_keep=10", "train.autocast_dtype=fp32", "train.deterministic=true", *extra,
-    ]
+@pytest.fixture(scope="module")
+def tiny(tiny_train):
+    """``tiny(data, out, size, max_iter, *extra)``: the shared tiny run at patch 14, ``size`` px global crops, batch 2
+    and 4-iteration epochs, with a checkpoint every iteration."""
+
+    def overrides(data: Path, out: Path, size: int, max_iter: int, *extra: str) -> list[str]:
+        return tiny_train(data, max_iter, out, "student.patch_size=14", f"crops.global_crops_size={size}",
+                          "crops.local_crops_size=28", "crops.local_crops_number=1", "train.batch_size_per_gpu=2",
+                          "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2", "train.checkpoint_period=1",
+                          "train.max_to_keep=10", *extra)
+
+    return overrides
 
 
 def independent_resize(pos: torch.Tensor, new_grid: int, offset: float = 0.1) -> torch.Tensor:
@@ -45,18 +45,12 @@ def load_state(out: Path, iteration: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        base = rng.integers(0, 255, (3,), dtype=np.uint8)
-        pixels = np.clip(base + rng.normal(0, 40, (120, 130, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"img{i}.jpg")
-    return root
+def images(noise_images) -> Path:
+    return noise_images(16, 120, 130)
 
 
 @pytest.fixture(scope="module")
-def low_res_run(images, tmp_path_factory) -> Path:
+def low_res_run(images, tmp_path_factory, tiny) -> Path:
     """The '224 px' run, scaled down: 3 iterations at 56 px (grid 4x4)."""
     out = tmp_path_factory.mktemp("run56")
     summary = train(load_config(None, tiny(images, out, 56, 3)), DistEnv.from_environment())
@@ -64,7 +58,7 @@ def low_res_run(images, tmp_path_factory) -> Path:
     return out
 
 
-def test_phase_resizes_pos_embed_and_carries_heads_and_centers(images, low_res_run, tmp_path):
+def test_phase_resizes_pos_embed_and_carries_heads_and_centers(images, low_res_run, tmp_path, tiny):
     cfg = load_config(None, tiny(images, tmp_path, 112, 3, f"train.init_from={low_res_run}"))
     model = build_student_teacher(cfg)
     assert init_phase_from(model, cfg.train)
@@ -82,14 +76,14 @@ def test_phase_resizes_pos_embed_and_carries_heads_and_centers(images, low_res_r
 
 
 @pytest.fixture(scope="module")
-def phase_run(images, low_res_run, tmp_path_factory) -> tuple[Path, dict]:
+def phase_run(images, low_res_run, tmp_path_factory, tiny) -> tuple[Path, dict]:
     """The '518 px' phase, scaled down: 3 iterations at 112 px (grid 8x8) from the 56 px run, uninterrupted."""
     out = tmp_path_factory.mktemp("phase112")
     cfg = load_config(None, tiny(images, out, 112, 3, f"train.init_from={low_res_run}"))
     return out, train(cfg, DistEnv.from_environment())
 
 
-def test_phase_trains_with_finite_loss_and_8x8_masks(images, low_res_run, phase_run):
+def test_phase_trains_with_finite_loss_and_8x8_masks(images, low_res_run, phase_run, tiny):
     out, summary = phase_run
     assert summary["iteration"] == 2 and all(np.isfinite(summary["losses"]))
     cfg = load_config(None, tiny(images, out, 112, 3, f"train.init_from={low_res_run}"))
@@ -102,7 +96,7 @@ def test_phase_trains_with_finite_loss_and_8x8_masks(images, low_res_run, phase_
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {1}
 
 
-def test_resume_inside_phase_equals_straight_run(images, low_res_run, phase_run, tmp_path):
+def test_resume_inside_phase_equals_straight_run(images, low_res_run, phase_run, tmp_path, tiny):
     straight, full = phase_run
     first = train(load_config(None, tiny(images, tmp_path, 112, 2, f"train.init_from={low_res_run}")),
                   DistEnv.from_environment())
@@ -114,7 +108,7 @@ def test_resume_inside_phase_equals_straight_run(images, low_res_run, phase_run,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fresh_heads_and_head_warmup_keep_backbone_frozen(images, low_res_run, tmp_path):
+def test_fresh_heads_and_head_warmup_keep_backbone_frozen(images, low_res_run, tmp_path, tiny):
     hub = low_res_run / "eval" / "training_2" / "teacher_backbone_hub.pth"  # a backbone-only release file
     extra = (f"train.init_from={hub}", "train.init_heads=fresh", "train.head_warmup_iters=2")
     cfg = load_config(None, tiny(images, tmp_path, 112, 3, *extra))
@@ -138,14 +132,14 @@ def test_fresh_heads_and_head_warmup_keep_backbone_frozen(images, low_res_run, t
                        build_student_teacher(cfg).state_dict()["teacher.dino_head.mlp.0.bias"])
 
 
-def test_backbone_file_needs_fresh_heads(images, low_res_run, tmp_path):
+def test_backbone_file_needs_fresh_heads(images, low_res_run, tmp_path, tiny):
     hub = low_res_run / "eval" / "training_2" / "teacher_backbone_hub.pth"
     cfg = load_config(None, tiny(images, tmp_path, 112, 1, f"train.init_from={hub}"))
     with pytest.raises(ValueError, match="init_heads=fresh"):
         init_phase_from(build_student_teacher(cfg), cfg.train)
 
 
-def test_head_mismatch_and_bad_keys_are_clear_errors(images, low_res_run, tmp_path):
+def test_head_mismatch_and_bad_keys_are_clear_errors(images, low_res_run, tmp_path, tiny):
     cfg = load_config(None, tiny(images, tmp_path, 112, 1, f"train.init_from={low_res_run}",
                                  "dino.head_n_prototypes=32"))
     with pytest.raises(ValueError, match="heads .* do not match"):

@@ -16,26 +16,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm
 N_ITER = 12
 
 
-def tiny_overrides(data: Path, max_iter: int) -> list[str]:
-    return [
-        f"train.dataset_path={data}", "student.arch=vit_custom", "student.embed_dim=32", "student.depth=2",
-        "student.num_heads=2", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
-        "crops.local_crops_number=2", "dino.head_n_prototypes=64", "dino.head_hidden_dim=32",
-        "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64", "train.batch_size_per_gpu=2",
-        "train.num_workers=0", f"train.max_iter={max_iter}", "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=2",
-        "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0", "teacher.warmup_teacher_temp_epochs=1",
-        "train.device=cpu", "train.log_period=1", "train.checkpoint_period=1000", "train.autocast_dtype=fp32",
-        "train.deterministic=true", "evaluation.eval_period_iterations=100000",
-    ]
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_train):
+    """``tiny_overrides(data, max_iter)``: the shared tiny run at batch 2 per task, no periodic checkpoint or export
+    (the output dir comes from ``--output-dir``)."""
+    return lambda data, max_iter: tiny_train(data, max_iter, None, "train.batch_size_per_gpu=2", "optim.epochs=2",
+                                             "train.checkpoint_period=1000", "evaluation.eval_period_iterations=100000")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -85,18 +78,12 @@ def log_text(out: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        base = rng.integers(0, 255, (3,), dtype=np.uint8)
-        Image.fromarray(np.clip(base + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)).save(
-            root / f"img{i}.jpg")
-    return root
+def images(noise_images) -> Path:
+    return noise_images(16, 40, 48)
 
 
 @pytest.fixture(scope="module")
-def reference_losses(slurm_cluster, images, tmp_path_factory) -> list[float]:
+def reference_losses(slurm_cluster, images, tmp_path_factory, tiny_overrides) -> list[float]:
     """Per-iteration total loss of an uninterrupted 2-task run."""
     out = tmp_path_factory.mktemp("reference")
     job_id = submit(out, tiny_overrides(images, N_ITER), slurm_cluster.partition, "--timeout-min", "10")
@@ -108,7 +95,7 @@ def reference_losses(slurm_cluster, images, tmp_path_factory) -> list[float]:
 
 
 def test_preempted_run_saves_requeues_and_resumes_with_identical_losses(slurm_cluster, images, reference_losses,
-                                                                        tmp_path):
+                                                                        tmp_path, tiny_overrides):
     out = tmp_path / "run"
     job_id = submit(out, tiny_overrides(images, N_ITER), slurm_cluster.partition, "--timeout-min", "10")
     wait_until(lambda: len(metric_lines(out)) >= 3, slurm_cluster, job_id, 240, "iteration 2", out)
@@ -128,7 +115,7 @@ def test_preempted_run_saves_requeues_and_resumes_with_identical_losses(slurm_cl
 
 
 @pytest.mark.slow
-def test_time_limit_requeues_and_resumes(slurm_cluster, images, tmp_path):
+def test_time_limit_requeues_and_resumes(slurm_cluster, images, tmp_path, tiny_overrides):
     out = tmp_path / "run"
     limits = tmp_path / "short.yaml"
     # Slurm sends its USR2 when at most signal_delay_s remain, checked about every 30-60 s: with 2 min and 30 s it
@@ -155,7 +142,7 @@ def _jobs_writing_under(folder: Path) -> list[str]:
     return [job_id for job_id in ids if str(folder) in job_field(job_id, "StdOut")]
 
 
-def test_bad_partition_or_missing_config_fails_before_submitting(slurm_cluster, images, tmp_path):
+def test_bad_partition_or_missing_config_fails_before_submitting(slurm_cluster, images, tmp_path, tiny_overrides):
     out = tmp_path / "run"
     bad_partition = cli("--output-dir", str(out), *tiny_overrides(images, 2), "--partition", "no-such-partition",
                         "--tasks-per-node", "2")

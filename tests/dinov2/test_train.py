@@ -19,21 +19,8 @@ from dinov2.train.train import NonFiniteLossError, build_student_teacher, train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_overrides(data: Path, out: Path, max_iter: int) -> list[str]:
-    return [
-        f"train.dataset_path={data}", f"train.output_dir={out}", "student.arch=vit_custom", "student.embed_dim=32",
-        "student.depth=2", "student.num_heads=2", "student.patch_size=8", "crops.global_crops_size=32",
-        "crops.local_crops_size=16", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
-        "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64",
-        "train.batch_size_per_gpu=4", "train.num_workers=0", f"train.max_iter={max_iter}",
-        "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=3", "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=0",
-        "teacher.warmup_teacher_temp_epochs=1", "train.device=cpu", "train.log_period=1", "train.checkpoint_period=5",
-        "train.autocast_dtype=fp32", "train.deterministic=true",
-    ]
-
-
-def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path):
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 1) + ["ibot.separate_head=true"])
+def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path, tiny_train):
+    cfg = load_config(None, tiny_train(image_folder, 1, tmp_path) + ["ibot.separate_head=true"])
     model = build_student_teacher(cfg)
     model.train()
     loader = build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)
@@ -46,8 +33,8 @@ def test_every_student_parameter_gets_a_gradient(image_folder, tmp_path):
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
-def test_three_steps_move_teacher_by_ema_and_export(image_folder, tmp_path):
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 3))
+def test_three_steps_move_teacher_by_ema_and_export(image_folder, tmp_path, tiny_train):
+    cfg = load_config(None, tiny_train(image_folder, 3, tmp_path))
     summary = train(cfg, DistEnv.from_environment())
     assert summary["iteration"] == 2 and len(summary["losses"]) == 3
     assert all(np.isfinite(summary["losses"]))
@@ -61,25 +48,25 @@ def test_three_steps_move_teacher_by_ema_and_export(image_folder, tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
 
 
-def test_resume_is_bitwise_identical(image_folder, tmp_path):
+def test_resume_is_bitwise_identical(image_folder, tmp_path, tiny_train):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    full = train(load_config(None, tiny_overrides(image_folder, straight, 12)), DistEnv.from_environment())
-    first = train(load_config(None, tiny_overrides(image_folder, split, 6)), DistEnv.from_environment())
-    second = train(load_config(None, tiny_overrides(image_folder, split, 12)), DistEnv.from_environment())
+    full = train(load_config(None, tiny_train(image_folder, 12, straight)), DistEnv.from_environment())
+    first = train(load_config(None, tiny_train(image_folder, 6, split)), DistEnv.from_environment())
+    second = train(load_config(None, tiny_train(image_folder, 12, split)), DistEnv.from_environment())
     assert first["losses"] + second["losses"] == full["losses"]
     a = torch.load(straight / "checkpoints" / "iter_0000011" / "state.pth", weights_only=True)["model"]
     b = torch.load(split / "checkpoints" / "iter_0000011" / "state.pth", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
+def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path, tiny_train):
     data = tmp_path / "data"
     data.mkdir()
     for i, path in enumerate(sorted(image_folder.rglob("*.jpg"))[:8]):
         (data / f"ok{i}.jpg").write_bytes(path.read_bytes())
     (data / "empty.jpg").write_bytes(b"")
     (data / "page.jpg").write_text("<html>not an image</html>")
-    cfg = load_config(None, tiny_overrides(data, tmp_path / "out", 6))
+    cfg = load_config(None, tiny_train(data, 6, tmp_path / "out"))
     summary = train(cfg, DistEnv.from_environment())
     assert summary["iteration"] == 5
     assert sum(summary["images_skipped"].values()) >= 2
@@ -94,9 +81,9 @@ def test_cli_bad_key_is_one_line_error(tmp_path):
     assert "student.archx" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_resumes_in_the_same_output_dir(image_folder, tmp_path):
+def test_cli_resumes_in_the_same_output_dir(image_folder, tmp_path, tiny_train):
     # The CLI runs train.py as __main__: everything main() calls must be defined before it runs.
-    overrides = [o for o in tiny_overrides(image_folder, tmp_path, 2) if not o.startswith("train.output_dir=")]
+    overrides = tiny_train(image_folder, 2)  # the output dir comes from --output-dir
     cmd = [sys.executable, "-m", "dinov2.train", "--output-dir", str(tmp_path), *overrides]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -134,10 +121,10 @@ def _anomalies(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_nonfinite_step_is_skipped_leaving_weights_ema_and_centers(image_folder, tmp_path, monkeypatch):
+def test_nonfinite_step_is_skipped_leaving_weights_ema_and_centers(image_folder, tmp_path, monkeypatch, tiny_train):
     snapshots: list[dict] = []
     _inject(monkeypatch, {2: float("nan")}, snapshots)
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 5))
+    cfg = load_config(None, tiny_train(image_folder, 5, tmp_path))
     summary = train(cfg, DistEnv.from_environment())
     assert summary["iteration"] == 4 and all(np.isfinite(summary["losses"]))
     # state at the start of iteration 3 == state at the start of iteration 2: params, teacher, centers, pending
@@ -151,26 +138,27 @@ def test_nonfinite_step_is_skipped_leaving_weights_ema_and_centers(image_folder,
     assert len(record["sample_keys"]) == 4 and all(record["sample_keys"])
 
 
-def test_consecutive_nonfinite_steps_abort_and_never_reach_a_checkpoint(image_folder, tmp_path, monkeypatch):
+def test_consecutive_nonfinite_steps_abort_and_never_reach_a_checkpoint(image_folder, tmp_path, monkeypatch,
+                                                                        tiny_train):
     _inject(monkeypatch, {i: float("inf") for i in range(2, 10)})
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 10) + ["train.checkpoint_period=1"])
+    cfg = load_config(None, tiny_train(image_folder, 10, tmp_path) + ["train.checkpoint_period=1"])
     with pytest.raises(NonFiniteLossError, match="3 consecutive"):
         train(cfg, DistEnv.from_environment())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000000", "iter_0000001"]
     assert [r["iteration"] for r in _anomalies(tmp_path)] == [2, 3, 4]
 
 
-def test_abort_policy_stops_at_the_first_nonfinite_step(image_folder, tmp_path, monkeypatch):
+def test_abort_policy_stops_at_the_first_nonfinite_step(image_folder, tmp_path, monkeypatch, tiny_train):
     _inject(monkeypatch, {1: float("nan")})
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 4) + ["train.nonfinite_policy=abort"])
+    cfg = load_config(None, tiny_train(image_folder, 4, tmp_path) + ["train.nonfinite_policy=abort"])
     with pytest.raises(NonFiniteLossError, match="iteration 1 "):
         train(cfg, DistEnv.from_environment())
 
 
-def test_loss_spike_is_logged_with_its_batch_keys(image_folder, tmp_path, monkeypatch):
+def test_loss_spike_is_logged_with_its_batch_keys(image_folder, tmp_path, monkeypatch, tiny_train):
     _inject(monkeypatch, {6: 50.0})
     overrides = ["train.loss_spike_window=4", "train.checkpoint_period=100"]
-    cfg = load_config(None, tiny_overrides(image_folder, tmp_path, 8) + overrides)
+    cfg = load_config(None, tiny_train(image_folder, 8, tmp_path) + overrides)
     summary = train(cfg, DistEnv.from_environment())
     assert summary["iteration"] == 7  # a spike is only logged
     spikes = [r for r in _anomalies(tmp_path) if r["kind"] == "spike"]
