@@ -1,4 +1,6 @@
-"""LVD-style curation pipeline: ingest, safe decode, exact and perceptual-hash dedup (see ARCHITECTURE.md)."""
+"""LVD-style curation pipeline: ingest and safe decode, exact, perceptual-hash and copy-detection dedup, evaluation-set
+decontamination, self-supervised embeddings, k-means and retrieval, WebDataset shards and a report (ARCHITECTURE.md).
+"""
 
 from data_pipeline.core.config import CurateConfig, load_config
 

@@ -1,7 +1,7 @@
 """The eight official torch.hub backbone entry points (``dinov2_vit{s,b,l,g}14[_reg]``), offline-only.
 
-Constructor values are those of the official ``_make_dinov2_model`` (dinov2_spec.md §1.11). ``weights`` is a local
-path in any layout :mod:`dinov2.weights` reads; nothing is ever downloaded.
+Constructor values are those of the official ``_make_dinov2_model`` (``dinov2/hub/backbones.py``). ``weights`` is a
+local path in any layout :mod:`dinov2.weights` reads; nothing is ever downloaded.
 """
 
 from __future__ import annotations

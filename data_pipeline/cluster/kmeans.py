@@ -342,7 +342,8 @@ def hierarchical_kmeans(
     checkpoint: Checkpointer | None = None,
     device: str = "auto",
 ) -> list[Level]:
-    """Bottom-up hierarchical k-means with resampling (spec §2.2).
+    """Bottom-up hierarchical k-means with resampling (Vo et al. 2024, "Automatic Data Curation for Self-Supervised
+    Learning: A Clustering-Based Approach"; official `ssl-data-curation/src/hierarchical_kmeans_gpu.py`).
 
     Level 1 clusters `x` into levels[0] clusters, level L clusters level L-1's centroids into levels[L-1]. After each
     level's k-means, `resample_steps` times: take the r points closest to each centroid (r = resample_size, or half
@@ -383,7 +384,8 @@ def hierarchical_kmeans(
 
 
 def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
-    """Split `target` over groups as evenly as their sizes allow (spec §2.5).
+    """Split `target` over groups as evenly as their sizes allow (water-filling, as in the official
+    `ssl-data-curation/src/hierarchical_sampling.py`).
 
     Finds the largest cap c with Σ min(c, size) <= target; groups smaller than the cap give everything, the others c,
     and a seeded random subset of the latter c + 1 to absorb the remainder.
@@ -414,8 +416,9 @@ def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.n
 
 
 def balanced_sample(levels: Sequence[Level], target: int, rng: np.random.Generator) -> np.ndarray:
-    """Balanced hierarchical sampling (spec §2.5, multiplier 1): split `target` evenly across the top level's
-    clusters by water-filling, recursively down to level 1, then draw each finest cluster's share uniformly at random.
+    """Balanced hierarchical sampling (Vo et al. 2024; multiplier 1 of the official `hierarchical_sampling.py`):
+    split `target` evenly across the top level's clusters by water-filling, recursively down to level 1, then draw
+    each finest cluster's share uniformly at random.
 
     Returns:
         int64 [min(target, n)] sorted indices of level-1 inputs (data points), without repetition.

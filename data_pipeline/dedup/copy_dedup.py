@@ -26,7 +26,7 @@ from data_pipeline.embed.embed import load_embeddings
 
 # Query rows per resumable work chunk.
 CHUNK_ROWS = 1 << 16
-# Components above this size are counted as "giant" (transitive chaining at cos 0.6; spec 3.2).
+# Components above this size are counted as "giant": at cos 0.6 with k = 64, chains a~b~c can join unrelated images.
 GIANT_COMPONENT = 1000
 LARGEST_REPORTED = 20
 

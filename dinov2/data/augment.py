@@ -1,8 +1,9 @@
 """DINOv2 multi-crop augmentation (2 global + N local crops) driven by an explicit random generator.
 
-Official pipeline (spec §3.1), per crop: ``RandomResizedCrop`` (bicubic, ratio 3/4..4/3) + horizontal flip 0.5;
-colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8; grayscale 0.2; Gaussian blur (kernel 9, sigma U(0.1, 2));
-solarize (threshold 128, p=0.2) on global crop 2 only; ``ToTensor`` + ImageNet normalisation.
+Official pipeline (``DataAugmentationDINO`` in ``dinov2/data/augmentations.py``), per crop: ``RandomResizedCrop``
+(bicubic, ratio 3/4..4/3) + horizontal flip 0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8; grayscale
+0.2; Gaussian blur (kernel 9, sigma U(0.1, 2)); solarize (threshold 128, p=0.2) on global crop 2 only; ``ToTensor`` +
+ImageNet normalisation.
 
 The randomness is split from the pixel work: :meth:`MultiCropAugmentation.sample_params` draws every random
 decision of one image from a ``torch.Generator`` into plain :class:`CropParams` records, and :func:`apply_crop` turns
@@ -26,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Blur application probabilities for (global crop 1, global crop 2, local crops).
 # "intended": what the official code and paper document. "official": what the official code actually does (its
 # GaussianBlur wraps RandomApply with probability 1 - p, inverting it), i.e. what the released weights were trained
-# with (spec §3.1, §9 item 1; dinov3 PR #342).
+# with (facebookresearch/dinov3 PR #342 fixes the inversion there).
 BLUR_PROBABILITIES = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
 
 JITTER_PROBABILITY = 0.8
@@ -155,7 +156,7 @@ def apply_crop(image: Image.Image | torch.Tensor, params: CropParams) -> torch.T
 class MultiCropAugmentation:
     """DINOv2 multi-crop augmentation: ``{"global_crops": [g1, g2], "local_crops": [l1..ln]}``.
 
-    Blur modes (spec §3.1 and §9 item 1):
+    Blur modes:
 
     - ``"intended"`` (default): blur is applied with probability 1.0 / 0.1 / 0.5 to global crop 1 / global crop 2 /
       each local crop, which is what the official code and the paper describe.

@@ -1,6 +1,6 @@
 """iBOT block masking (BEiT-style rectangles) driven by an explicit ``random.Random``.
 
-The algorithm and its random-call order follow the official ``MaskingGenerator`` (spec §3.2): with
+The algorithm and its random-call order follow the official ``MaskingGenerator`` (``dinov2/data/masking.py``): with
 ``rng = random.Random(s)`` the masks equal the official ones under ``random.seed(s)``.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 def official_max_num_patches(global_crops_size: int, patch_size: int) -> float:
     """``max_num_patches`` exactly as the official ``train.py`` computes it.
 
-    The official expression ``0.5 * G // p * G // p`` parses as ``((0.5 * G) // p * G) // p`` (spec §3.2, §9 item
-    11), not as half the patch grid: 128.0 at 224/14, 98.0 at 224/16 and 666.0 at 518/14 (half the grid would be
-    128, 98 and 684.5). Use this value when mask-level compatibility with the official trainer matters.
+    The official expression ``0.5 * G // p * G // p`` parses as ``((0.5 * G) // p * G) // p`` (``*`` and ``//``
+    bind equally and group left to right), not as half the patch grid: 128.0 at 224/14, 98.0 at 224/16 and 666.0 at
+    518/14 (half the grid would be 128, 98 and 684.5). Use this value when mask-level compatibility with the official
+    trainer matters.
 
     Args:
         global_crops_size: side of the global crops in pixels (G).

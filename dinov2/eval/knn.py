@@ -20,15 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2.data.sources import ImageFileSource, ImageSource
-from dinov2.eval.datasets import (  # noqa: F401  (re-exported: the public API of this module before datasets.py)
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LabelledImages,
-    eval_transform,
-    list_labelled_images,
-    open_labelled,
-)
+from dinov2.eval.datasets import LabelledImages, open_labelled
 from dinov2.eval.features import extract_features
 from dinov2.io.atomic import write_text_atomic
 from dinov2.io.cli import add_image_arguments, add_model_arguments, run_cli, tool_parser

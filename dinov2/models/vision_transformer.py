@@ -43,7 +43,7 @@ def init_weights_vit_timm(module: nn.Module) -> None:
 
 
 class DinoVisionTransformer(nn.Module):
-    """ViT backbone with the official DINOv2 constructor (see the spec's defaults table).
+    """ViT backbone with the constructor (arguments and defaults) of the official ``DinoVisionTransformer``.
 
     Token layout: ``[cls, reg_1..reg_R, patch_1..patch_N]``; registers carry no positional embedding.
     ``block_chunks > 0`` groups blocks into ``BlockChunk`` units (keys ``blocks.<chunk>.<global_idx>.*``);

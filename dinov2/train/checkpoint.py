@@ -10,7 +10,7 @@ without its marker (a run killed mid-save) is never loaded and is cleaned up lat
   ``extras_rank<r>.pt`` per rank (RNG, loader position, counters). Rank 0 writes the marker after a barrier that
   follows every rank's writes. DCP reshards at load time, so a run may resume at another world size.
 
-Both layouts load into any world size and strategy (see ``dinov2.train.train.restore_training_state``). Loading uses
+Both layouts load into any world size and strategy (see ``dinov2.train.state.restore_training_state``). Loading uses
 ``weights_only=True``; DCP itself gives no compatibility guarantee across torch versions.
 """
 

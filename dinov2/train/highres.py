@@ -1,4 +1,4 @@
-"""Start a training phase from earlier weights: the 518 px high-resolution adaptation (paper §4, issue 4).
+"""Start a training phase from earlier weights: the 518 px high-resolution adaptation (Oquab et al. 2023, Sec. 4).
 
 A phase is an ordinary run with its own output directory and config (e.g. ``configs/train/vitl14_highres518.yaml``:
 global crops 518, local crops 98, a short low-lr schedule) plus ``train.init_from``, read only while that directory

@@ -92,12 +92,8 @@ def restore_training_state(path: Path, model: StudentTeacher, optimizer: torch.o
         else:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        rng = state.get("rng")
-        if isinstance(rng, list):  # written by the older all-ranks-in-one-file layout
-            rng = rng[env.rank] if len(rng) == env.world_size else None
-        elif env.world_size != 1:
-            rng = None
-        extras = {**state, "rng": rng}
+        # One process wrote this file: its RNG state continues only a run of one process.
+        extras = {**state, "rng": state.get("rng") if env.world_size == 1 else None}
     if scaler is not None and extras.get("scaler"):
         scaler.load_state_dict(extras["scaler"])
     return extras

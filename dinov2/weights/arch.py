@@ -11,7 +11,7 @@ from torch import nn
 
 from dinov2.weights.formats import count_blocks
 
-# (embed_dim, depth) → official factory name (spec §1.1).
+# (embed_dim, depth) → factory name in the official dinov2/models/vision_transformer.py.
 _OFFICIAL_ARCHS = {(384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large", (1536, 40): "vit_giant2"}
 _ARCH_DIMS = {name: dims for dims, name in _OFFICIAL_ARCHS.items()}
 HEAD_DIM = 64  # every official DINOv2 ViT uses 64-dim heads
@@ -51,8 +51,8 @@ class BackboneSpec:
         return _OFFICIAL_ARCHS.get((self.embed_dim, self.depth), "vit_custom")
 
     def hub_defaults(self) -> dict:
-        """Official hub constructor values for this spec (spec §1.11): LayerScale 1.0, flat blocks, and the
-        interpolation mode of register (offset 0, antialias) vs non-register (offset 0.1) models."""
+        """Official hub constructor values (``_make_dinov2_model`` in dinov2/hub/backbones.py): LayerScale 1.0, flat
+        blocks, and the interpolation mode of register (offset 0, antialias) vs non-register (offset 0.1) models."""
         registers = self.num_register_tokens > 0
         return {
             "init_values": 1.0 if self.layerscale else None,
@@ -130,7 +130,7 @@ def infer_spec(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
 
 
 def official_shapes(spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
-    """The official canonical key → shape table for ``spec``, in official order (spec §1.10)."""
+    """The official canonical key → shape table for ``spec``, in the order of the released hub checkpoints."""
     d, h = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
     shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + spec.grid**2, d)}
     if spec.num_register_tokens:

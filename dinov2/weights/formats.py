@@ -1,6 +1,6 @@
 """Backbone state-dict layouts (official hub, chunked training, timm, Hugging Face) and exact conversions between them.
 
-The *canonical* layout is the official hub one (dinov2_spec.md §1.10): flat ``blocks.<i>.`` names (block_chunks=0),
+The *canonical* layout is the one of the released hub checkpoints: flat ``blocks.<i>.`` names (block_chunks=0),
 ``pos_embed`` of shape (1, 1 + grid², D) including the CLS position, ``mask_token``, ``register_tokens`` when present.
 Every importer converts to it and every exporter starts from it.
 """
@@ -66,7 +66,8 @@ def unchunk_key(key: str) -> str:
 
 
 def unchunk(state: Mapping[str, Tensor]) -> StateDict:
-    """Drop the chunk index from block keys (the chunk padding keeps global block indices, spec §1.7)."""
+    """Drop the chunk index from block keys (the official ``BlockChunk`` pads each chunk with ``nn.Identity``, so
+    block keys keep their global indices)."""
     return {unchunk_key(k): v for k, v in state.items()}
 
 
@@ -274,7 +275,7 @@ _TOP_ORDER = (
 
 
 def _ordered(state: Mapping[str, Tensor]) -> StateDict:
-    """Official key order (spec §1.10): tokens, patch embed, blocks by index, the rest (final norm) last."""
+    """Key order of the released hub checkpoints: tokens, patch embed, blocks by index, the rest (final norm) last."""
 
     def rank(key: str) -> tuple:
         if key in _TOP_ORDER:

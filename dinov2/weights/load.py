@@ -201,7 +201,7 @@ def resize_pos_embed(
 ) -> StateDict:
     """Resample ``pos_embed`` of a canonical state dict to a new patch grid, explicitly (never done implicitly).
 
-    Uses the official ``interpolate_pos_encoding`` call (spec §1.3): bicubic in fp32, with
+    Uses the official ``interpolate_pos_encoding`` call (dinov2/models/vision_transformer.py): bicubic in fp32, with
     ``scale_factor=((g+offset)/M, ...)`` when ``interpolate_offset`` is truthy, else ``size=(gh, gw)``; the CLS slot
     is kept as is. Pass the model's own offset/antialias (hub: 0.1/False, register models 0.0/True).
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dinov2.layers import Attention, eager_attention, resolve_backend
 from dinov2.models import ARCHS, DinoVisionTransformer, build_backbone, vit_custom
 
-# (arch, ffn_layer, state-dict tensors, parameter count) for hub builds at 518/14 (spec 1.1 / 1.10).
+# (arch, ffn_layer, state-dict tensors, parameter count) for hub builds at 518/14 (the released checkpoints).
 OFFICIAL = [
     ("vit_small", "mlp", 175, 22_056_576),
     ("vit_base", "mlp", 175, 86_580_480),

@@ -1,4 +1,5 @@
-"""Tests for the iBOT mask generator and collate_crops (spec §3.2, §3.3 and the invariants of §10.2 item 9)."""
+"""Tests for the iBOT mask generator and collate_crops against the official ``MaskingGenerator`` and
+``collate_data_and_cast`` (their algorithm, random-call order and mask invariants)."""
 
 import math
 import random
@@ -12,7 +13,7 @@ from dinov2.data.masking import MaskingGenerator, official_max_num_patches
 
 
 def _spec_mask(height, width, target, max_block, seed):
-    """The official algorithm written from spec §3.2, on the *global* random module."""
+    """The official ``MaskingGenerator`` algorithm written out here, on the *global* random module."""
     random.seed(seed)
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
     mask = np.zeros((height, width), dtype=bool)

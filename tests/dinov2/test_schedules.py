@@ -8,7 +8,7 @@ from dinov2.train.schedules import CosineSchedule, build_schedules
 
 
 def official_cosine_array(base, final, total, warmup=0, start_warmup=0.0, freeze=0):
-    """The official CosineScheduler construction, written out from the spec (4.3)."""
+    """The official ``CosineScheduler`` construction (``dinov2/utils/utils.py``), written out here on its own."""
     frozen = np.zeros(freeze)
     warm = np.linspace(start_warmup, base, warmup)
     iters = np.arange(total - warmup - freeze)

@@ -249,5 +249,5 @@ def test_resize_pos_embed_modes():
     sized = resize_pos_embed(state, 7, interpolate_offset=0.0)
     assert offset["pos_embed"].shape == sized["pos_embed"].shape == (1, 50, 64)
     assert torch.equal(offset["pos_embed"][:, 0], state["pos_embed"][:, 0])
-    assert not torch.allclose(offset["pos_embed"], sized["pos_embed"])  # scale_factor vs size (spec §1.3)
+    assert not torch.allclose(offset["pos_embed"], sized["pos_embed"])  # scale_factor vs size: the official offset path
     assert infer_spec(offset).img_size == 7 * 14
