@@ -78,8 +78,8 @@ class ClusterConfig:
 def load_cluster_config(paths: Sequence[str | Path] = (), overrides: dict[str, Any] | None = None) -> ClusterConfig:
     """Merges YAML files in order, then ``overrides``, into a validated ``ClusterConfig``.
 
-    ``key: null`` sets a key back to unset (the cluster's default); ``additional_parameters`` mappings merge key by
-    key.
+    ``key: null`` sets an optional key back to unset (the cluster's default); ``additional_parameters`` mappings
+    merge key by key.
 
     Raises:
         ValueError: (``ConfigError``) a missing file, a file that is not a mapping, an unknown key or an invalid value.
