@@ -9,6 +9,7 @@ themselves in ``__post_init__`` by raising ``ValueError`` (or :class:`ConfigErro
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinov2.io.files import read_regular
+
 T = TypeVar("T")
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # far above any real config; a bound on what a mistaken path can make us read
 
 
 class ConfigError(ValueError):
@@ -39,23 +43,30 @@ def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
 
 
 def read_yaml_mapping(path: str | Path) -> DictConfig:
-    """A YAML file of config keys.
+    """A YAML file of config keys, read with OmegaConf's YAML rules (``1e-3`` is a float).
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML, or holds something other than a mapping (an empty file
-            is an empty mapping).
+        ConfigError: the file is missing, not a regular file (a FIFO would block the read), larger than
+            :data:`MAX_CONFIG_BYTES`, not UTF-8, malformed YAML, or something other than a mapping (an empty file is
+            an empty mapping).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = OmegaConf.load(path)
+        text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as error:  # unreadable, or refused (too large, not a regular file)
+        raise ConfigError(f"config file {path} cannot be read: {first_line(error)}") from None
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {error.problem or first_line(error)}") from None
+        raise ConfigError(f"{path}: malformed YAML{where}: {error.problem or first_line(error)}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {first_line(error)}") from None
+        raise ConfigError(f"{path}: malformed YAML: {first_line(error)}") from None
     except OSError as error:  # OmegaConf refuses a scalar document this way
         raise ConfigError(f"{path}: expected a mapping of config keys ({first_line(error)})") from None
     if not isinstance(loaded, DictConfig):
@@ -121,7 +132,7 @@ def load_typed_config(schema: type[T], files: Sequence[str | Path] = (), overrid
         except OmegaConfBaseException as error:
             raise _one_line(error, source) from None
         except yaml.YAMLError as error:  # the value part is parsed as YAML
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({first_line(error)})") from None
+            raise ConfigError(f"override {item!r}: the value is malformed YAML ({first_line(error)})") from None
         merged = _merge(merged, layer, source)
     try:
         return OmegaConf.to_object(merged)  # builds the dataclasses, so their __post_init__ checks run here

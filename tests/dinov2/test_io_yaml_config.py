@@ -47,7 +47,7 @@ def test_layers_merge_in_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     ("- a\n- b\n", "expected a mapping of config keys, got a list"),
     ("3\n", "expected a mapping of config keys"),
-    ("inner: [1, 2\n", "not valid YAML at line 2"),
+    ("inner: [1, 2\n", "malformed YAML at line 2"),
     ("inner: 4\n", "'inner'"),
     ("inner: {sise: 4}\n", "unknown config key 'inner.sise'"),
     ("inner: {size: many}\n", "'inner.size'"),
@@ -63,7 +63,7 @@ def test_file_errors_are_one_line_naming_the_key_or_file(tmp_path: Path, text: s
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("inner", "not of the form key=value"),
-    ("inner.names=[a,", "not valid YAML"),
+    ("inner.names=[a,", "malformed YAML"),
     ("inner=3", "'inner'"),
     ("nme=y", "unknown config key 'nme'"),
 ])
