@@ -240,6 +240,7 @@ def finish_copy(ctx: StageContext, table: pa.Table) -> dict:
         "recall": round(float(recall), 6),
         "recall_at_k": round(float(recall_at_k), 6),
         "recall_method": method,
+        "audit_band": [round(cfg.threshold + d * cfg.audit_margin, 6) for d in (-1, 0, 1)],
         "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 

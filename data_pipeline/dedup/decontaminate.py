@@ -163,6 +163,7 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         "outputs": int(keep.sum()),
         "removed": {"contaminated": removed},
         "sets": per_set,
+        "audit_band": [round(cfg.threshold + d * cfg.audit_margin, 6) for d in (-1, 0, 1)],
         "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 

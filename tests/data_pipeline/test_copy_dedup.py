@@ -300,8 +300,8 @@ def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
     sc = _scenario()
     rows, pos, rng = sc["rows"], sc["pos"], sc["rng"]
     vec = {r["name"]: r["vec"] for r in rows}
-    # evalA touches A3 (a member copy_dedup already removed) at cos 0.55; evalR touches R5 (cos 0.48) and nothing near A;
-    # evalN matches nothing.
+    # evalA touches A3 (a member copy_dedup already removed) at cos 0.55; evalR touches R5 (cos 0.48) and nothing
+    # near A; evalN matches nothing.
     evals = {
         "evalA": np.stack([_eval_near(vec["A3"], 0.55, rng), _unit(rng.standard_normal(D))]),
         "evalR": _eval_near(vec["R5"], 0.48, rng)[None],
