@@ -112,33 +112,41 @@ def greedy_representatives(n: int, i: np.ndarray, j: np.ndarray, closeness: np.n
         adjacent to its representative.
     """
     i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
-    undecided, is_rep = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
-    live = np.ones(i.size, dtype=bool)
+    rep = np.arange(n, dtype=np.int64)
+    if i.size == 0:
+        return rep
+    # Isolated nodes keep themselves; the rounds run on the nodes that have edges (local indices), so their cost
+    # does not grow with the pool.
+    nodes, local = np.unique(np.concatenate([i, j]), return_inverse=True)
+    li0, lj0 = local[: i.size], local[i.size :]
+    rank_l = np.asarray(rank, dtype=np.int64)[nodes]
+    m = nodes.size
+    undecided, is_rep = np.ones(m, dtype=bool), np.zeros(m, dtype=bool)
+    li, lj = li0, lj0
     big = np.iinfo(np.int64).max
     while undecided.any():
-        live &= undecided[i] & undecided[j]
-        li, lj = i[live], j[live]
-        best = np.full(n, big, dtype=np.int64)  # best rank among undecided neighbours
-        np.minimum.at(best, li, rank[lj])
-        np.minimum.at(best, lj, rank[li])
-        new = undecided & (rank < best)
+        live = undecided[li] & undecided[lj]
+        li, lj = li[live], lj[live]  # compacted: late rounds only touch the few edges still undecided
+        best = np.full(m, big, dtype=np.int64)  # best rank among undecided neighbours
+        np.minimum.at(best, li, rank_l[lj])
+        np.minimum.at(best, lj, rank_l[li])
+        new = undecided & (rank_l < best)
         is_rep |= new
         undecided &= ~new
         undecided[li[new[lj]]] = False
         undecided[lj[new[li]]] = False
-    rep = np.arange(n, dtype=np.int64)
     # Member -> adjacent representative candidates, both edge directions; pick max closeness, then the better rank.
-    u = np.concatenate([i, j])
-    r = np.concatenate([j, i])
+    u = np.concatenate([li0, lj0])
+    r = np.concatenate([lj0, li0])
     c = np.concatenate([closeness, closeness])
     cand = ~is_rep[u] & is_rep[r]
     u, r, c = u[cand], r[cand], c[cand]
-    order = np.lexsort((rank[r], -c, u))
+    order = np.lexsort((rank_l[r], -c, u))
     u, r = u[order], r[order]
     first = np.ones(u.size, dtype=bool)
     first[1:] = u[1:] != u[:-1]
-    rep[u[first]] = r[first]
-    assert is_rep[rep].all()
+    rep[nodes[u[first]]] = nodes[r[first]]
+    assert first.sum() == (~is_rep).sum()  # every non-representative has an adjacent representative
     return rep
 
 
