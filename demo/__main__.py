@@ -8,7 +8,9 @@
 3. curates the crawl with every stage (``python -m data_pipeline.curate``): hash dedup, copy-detection dedup,
    decontamination of the held-out evaluation folder, k-means, sample- and cluster-based retrieval, shards, report;
 4. trains on the curated shards (``python -m dinov2.train``) starting from the bootstrap model;
-5. prints the funnel, dedup precision/recall against the ground truth and kNN top-1 before/after training.
+5. prints the funnel, dedup precision/recall per level against the ground truth (for the pipeline's chain-free
+   grouping and, recomputed from the same artifacts, the former connected-components rule; ``demo/dedup_eval.py``)
+   and kNN top-1 before/after training.
 
 Every step is resumable: re-running reuses the crawl, finished training runs and finished curation stages.
 """
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from data_pipeline.core.config import load_config
 from demo.copy_descriptor import build_copy_descriptor
-from demo.crawl import CrawlRecord, build_crawl
+from demo.crawl import build_crawl
+from demo.dedup_eval import compare
 
 OUT = Path("demo_out").resolve()
 DATA = OUT / "data"
@@ -35,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "configs" / "train" / "demo_cpu.yaml"
 CURATE_CONFIG = REPO / "configs" / "curate" / "demo.yaml"
 BOOTSTRAP_ITERS, CURATED_ITERS = 120, 120
-HASH_KINDS = ("exact_bytes", "exact_pixels", "near")
 
 
 def run(step: str, cmd: list[str]) -> None:
@@ -54,23 +57,6 @@ def train(output_dir: Path, dataset: str, iters: int, extra: list[str]) -> Path:
         *extra,
     ])
     return output_dir / "eval" / f"training_{iters - 1}" / "teacher_backbone_hub.pth"
-
-
-def dedup_quality(records: list[CrawlRecord], manifest: list[dict], kinds: tuple[str, ...]) -> tuple[float, float, int]:
-    """Precision and recall of the removals of ``kinds`` against the ground truth, and how many there were.
-
-    Truth: images showing the same view (an original and its near-copies) are duplicates of each other; a planted
-    evaluation copy, a distractor and each original view are their own group. A removal is right when the removed
-    image and the member it was merged into show the same view.
-    """
-    group = {r.file: (r.view or f"single:{r.file}") for r in records}
-    by_id = {row["id"]: Path(row["path"]).name for row in manifest}
-    removed = [row for row in manifest if row["dup_kind"] in kinds]
-    right = sum(group[Path(row["path"]).name] == group[by_id[row["dup_of"]]] for row in removed)
-    sizes = Counter(group.values())
-    truth_duplicates = sum(n - 1 for n in sizes.values())
-    precision = right / len(removed) if removed else 1.0
-    return precision, right / truth_duplicates, len(removed)
 
 
 def knn_table(weights: dict[str, Path | None]) -> dict[str, float]:
@@ -99,7 +85,7 @@ def main() -> int:
     print(f"[demo] building the crawl in {DATA}", flush=True)
     records = build_crawl(DATA)
     kinds = Counter(r.transform for r in records)
-    print(f"[demo] {len(records)} crawl images: {dict(kinds)}")
+    print(f"[demo] {len(records)} crawl images: {dict(kinds)}; families {dict(Counter(r.family for r in records))}")
 
     bootstrap = train(OUT / "bootstrap", str(DATA / "crawl"), BOOTSTRAP_ITERS, [])
 
@@ -128,9 +114,6 @@ def main() -> int:
     def count(stage: str) -> int:
         return json.loads((curated / stage / "stats.json").read_text())["outputs"]
 
-    exact = pq.read_table(curated / "exact_dedup" / "manifest.parquet").to_pylist()
-    near = pq.read_table(curated / "near_dedup" / "manifest.parquet").to_pylist()
-    copy = pq.read_table(curated / "copy_dedup" / "manifest.parquet").to_pylist()
     decon = pq.read_table(curated / "decontaminate" / "manifest.parquet").to_pylist()
     planted = {r.file for r in records if r.transform == "eval_copy"}
     flagged = {Path(row["path"]).name for row in decon if row["contaminated_by"]}
@@ -145,11 +128,12 @@ def main() -> int:
     print(f"  {'retrieved (selected)':<28} {selected:>6}")
     print(f"  {'in shards':<28} {index['nsamples']:>6}"
           f"  ({len(index['shardlist'])} tars)")
-    print(f"\n  {'dedup vs ground truth':<28} {'removed':>8} {'precision':>10} {'recall':>8}")
-    for label, rows, kinds_ in (("exact", exact, HASH_KINDS[:2]), ("exact + pHash", near, HASH_KINDS),
-                                ("exact + pHash + copy", copy, (*HASH_KINDS, "copy"))):
-        p, r, n = dedup_quality(records, rows, kinds_)
-        print(f"  {label:<28} {n:>8} {p:>10.1%} {r:>8.1%}")
+    copy_cfg = load_config(CURATE_CONFIG, []).copy_dedup
+    print(f"\n  {'dedup vs ground truth':<22} {'former rule (components)':>28}   {'chain-free groups':>28}")
+    print(f"  {'':<22} {'removed':>9} {'precision':>9} {'recall':>8}   {'removed':>9} {'precision':>9} {'recall':>8}")
+    for label, before, after in compare(records, curated, copy_cfg.k, copy_cfg.threshold):
+        cells = "   ".join(f"{n:>9} {p:>9.1%} {r:>8.1%}" for p, r, n in (before, after))
+        print(f"  {label:<22} {cells}")
     print(f"  decontamination: {len(planted & flagged)}/{len(planted)} planted evaluation copies removed, "
           f"{len(flagged - planted)} other crawl images in the components they touched")
     print(f"\n  {'kNN top-1 (k=20)':<28} {'':>6}")

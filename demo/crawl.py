@@ -1,10 +1,13 @@
 """The demo's embedded "crawl": real photographs from pip packages expanded into crawl-like images with ground truth.
 
 Every image is a *view* (a random crop, resized) of one of the photographs that ship inside scikit-image and
-scikit-learn, or a distractor (noise, gradients, shapes). Some views get near-copies the way a web crawl has them:
-byte copies, re-encodes, rescales, small crops, flips, colour shifts and text overlays. A held-out evaluation folder
-(fresh views, labelled by photograph) gets a few planted copies in the crawl, which decontamination must remove.
-Two curated seed sets (fresh views of a few photographs) drive sample- and cluster-based retrieval.
+scikit-learn, a templated clip-art image (`demo/templates.py`: playing cards, flags, recoloured drawings, different
+pictures under one shared caption band: distinct images that differ in small but meaningful ways), or a distractor
+(noise, gradients, shapes). Some images get near-copies the way a web crawl has them: byte copies, re-encodes,
+rescales, small crops, flips (photographs only: a mirrored flag is another flag), colour shifts and text overlays.
+A held-out evaluation folder (fresh views, labelled by photograph) gets a few planted copies in the crawl, which
+decontamination must remove. Two curated seed sets (fresh views of a few photographs) drive sample- and
+cluster-based retrieval.
 
 Layout written under ``root``::
 
@@ -13,7 +16,7 @@ Layout written under ``root``::
     seeds/cluster_set/*.jpg          seeds for cluster-based retrieval
     eval/<photo>/*.jpg               held-out evaluation images (decontamination target and kNN val split)
     knn_train/<photo>/*.jpg          labelled kNN train split (fresh views)
-    truth.json                       one record per crawl file: photo, view, transform, duplicate_of
+    truth.json                       one record per crawl file: photo, view, transform, duplicate_of, family
     _DONE                            written last; a finished crawl is not rebuilt
 
 Everything is a pure function of the seed.
@@ -29,9 +32,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from demo.templates import (
+    PALETTE,
+    RANKS,
+    SUITS,
+    drawing_shapes,
+    flag,
+    flag_designs,
+    playing_card,
+    recoloured,
+    with_caption,
+)
+
 SAMPLE_SEED_PHOTOS = ("coffee", "rocket", "astronaut")
 CLUSTER_SEED_PHOTOS = ("chelsea", "motorcycle")
 TRANSFORMS = ("bytes", "reencode", "rescale", "crop", "flip", "color", "overlay")
+TEMPLATE_TRANSFORMS = ("bytes", "reencode", "rescale", "crop", "overlay")
+N_FLAGS, N_DRAWINGS, SCHEMES_PER_DRAWING, N_CAPTIONED = 36, 12, 3, 40
 
 
 @dataclass(frozen=True)
@@ -40,8 +57,9 @@ class CrawlRecord:
 
     Attributes:
         file: file name under ``crawl/``.
-        photo: source photograph, or "" for a distractor.
-        view: the view this image shows (``<photo>-<k>``), "" for a distractor.
+        photo: source photograph, or "" for a distractor or a templated image.
+        view: the picture this image shows (``<photo>-<k>``, ``card-<rank>-<suit>``, ``flag-...``,
+            ``drawing-<k>-<scheme>``, ``caption-<k>``); "" for a distractor. Images with equal views are duplicates.
         transform: "view" for an original view, one of TRANSFORMS for a near-copy, "eval_copy" for a planted copy of
             an evaluation image, "distractor".
         duplicate_of: the crawl file (or ``eval/...`` path) this is a copy of; "" for originals and distractors.
@@ -52,6 +70,7 @@ class CrawlRecord:
     view: str
     transform: str
     duplicate_of: str
+    family: str = "photo"
 
 
 def sample_photos() -> dict[str, np.ndarray]:
@@ -132,7 +151,8 @@ def near_copy(image: Image.Image, data: bytes, transform: str, rng: np.random.Ge
         marked = image.copy()
         draw = ImageDraw.Draw(marked)
         y = int(rng.integers(0, max(1, image.height - 14)))
-        draw.text((4, y), "sale 50%" if rng.random() < 0.5 else "(c) crawl", fill=(255, 255, 255))
+        draw.text((4, y), "sale 50%" if rng.random() < 0.5 else "(c) crawl", fill=(255, 255, 255), stroke_width=1,
+                  stroke_fill=(0, 0, 0))  # outlined: visible on white clip-art too
         return _encode(marked, "JPEG", 90)
     raise ValueError(f"unknown transform {transform!r}")
 
@@ -156,6 +176,29 @@ def distractor(rng: np.random.Generator, side: int) -> Image.Image:
     return image
 
 
+def templated_images(rng: np.random.Generator,
+                     samplers: dict[str, ViewSampler]) -> list[tuple[str, str, Image.Image]]:
+    """(family, view, image) of every templated image: 52 cards, flags, recoloured drawings, captioned pictures."""
+    out = [("card", f"card-{rank}-{suit}", playing_card(rank, suit, int(rng.integers(110, 150))))
+           for suit in SUITS for rank in RANKS]
+    out += [("flag", f"flag-{kind}-{'-'.join(colours)}", flag(kind, colours, int(rng.integers(100, 150))))
+            for kind, colours in flag_designs(rng, N_FLAGS)]
+    names = sorted(PALETTE)
+    for d in range(N_DRAWINGS):
+        shapes = drawing_shapes(rng)
+        schemes: set[tuple[str, ...]] = set()
+        while len(schemes) < SCHEMES_PER_DRAWING:
+            schemes.add(tuple(str(c) for c in rng.choice(names, size=3, replace=False)))
+        out += [("recolour", f"drawing-{d}-{k}", recoloured(shapes, scheme, int(rng.integers(100, 150))))
+                for k, scheme in enumerate(sorted(schemes))]
+    photos = sorted(samplers)
+    for k in range(N_CAPTIONED):
+        side = int(rng.integers(100, 150))
+        base = distractor(rng, side) if k % 4 == 3 else samplers[photos[k % len(photos)]].next(side)
+        out.append(("caption", f"caption-{k}", with_caption(base)))
+    return out
+
+
 def build_crawl(root: Path, views_per_photo: int = 40, n_distractors: int = 150, seed: int = 0) -> list[CrawlRecord]:
     """Write the crawl, seeds, evaluation and kNN folders plus ``truth.json`` under ``root``; idempotent.
 
@@ -173,13 +216,21 @@ def build_crawl(root: Path, views_per_photo: int = 40, n_distractors: int = 150,
     formats = (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"))
     counter = 0
 
-    def put(data: bytes, ext: str, photo: str, view: str, transform: str, duplicate_of: str) -> str:
+    def put(data: bytes, ext: str, photo: str, view: str, transform: str, duplicate_of: str,
+            family: str = "photo") -> str:
         nonlocal counter
         name = f"{counter:05d}.{ext}"
         counter += 1
         (crawl / name).write_bytes(data)
-        records.append(CrawlRecord(name, photo, view, transform, duplicate_of))
+        records.append(CrawlRecord(name, photo, view, transform, duplicate_of, family))
         return name
+
+    def put_copies(image: Image.Image, data: bytes, ext: str, photo: str, view: str, original: str,
+                   transforms: tuple[str, ...], family: str) -> None:
+        for transform in rng.choice(transforms, size=int(rng.integers(1, 4)), replace=False):
+            copy = near_copy(image, data, str(transform), rng)
+            put(copy, ext if transform == "bytes" else ("png" if copy[:4] == b"\x89PNG" else "jpg"),
+                photo, view, str(transform), original, family)
 
     samplers = {name: ViewSampler(photo, np.random.default_rng(rng.integers(2**32))) for name, photo in photos.items()}
     for photo in sorted(photos):
@@ -190,12 +241,16 @@ def build_crawl(root: Path, views_per_photo: int = 40, n_distractors: int = 150,
             view = f"{photo}-{k}"
             original = put(data, ext, photo, view, "view", "")
             if rng.random() < 0.6:
-                for transform in rng.choice(TRANSFORMS, size=int(rng.integers(1, 4)), replace=False):
-                    copy = near_copy(image, data, str(transform), rng)
-                    put(copy, ext if transform == "bytes" else ("png" if copy[:4] == b"\x89PNG" else "jpg"),
-                        photo, view, str(transform), original)
+                put_copies(image, data, ext, photo, view, original, TRANSFORMS, "photo")
+    for family, view, image in templated_images(rng, samplers):
+        fmt, ext = (("PNG", "png"), ("JPEG", "jpg"))[int(rng.random() < 0.3)]
+        data = _encode(image, fmt)
+        original = put(data, ext, "", view, "view", "", family)
+        if rng.random() < 0.6:
+            put_copies(image, data, ext, "", view, original, TEMPLATE_TRANSFORMS, family)
     for _ in range(n_distractors):
-        put(_encode(distractor(rng, int(rng.integers(96, 145))), "PNG"), "png", "", "", "distractor", "")
+        put(_encode(distractor(rng, int(rng.integers(96, 145))), "PNG"), "png", "", "", "distractor", "",
+            "distractor")
 
     def labelled_views(folder: Path, names: tuple[str, ...], per_photo: int, flat: bool = False) -> list[Path]:
         written = []
@@ -215,7 +270,8 @@ def build_crawl(root: Path, views_per_photo: int = 40, n_distractors: int = 150,
     # Planted contamination: re-encoded copies of some evaluation images inside the crawl.
     for path in [eval_files[i] for i in rng.choice(len(eval_files), size=12, replace=False)]:
         image = Image.open(path).convert("RGB")
-        put(_encode(image, "JPEG", 60), "jpg", path.parent.name, "", "eval_copy", str(path.relative_to(root)))
+        put(_encode(image, "JPEG", 60), "jpg", path.parent.name, "", "eval_copy", str(path.relative_to(root)),
+            "eval_copy")
 
     (root / "truth.json").write_text(json.dumps([asdict(r) for r in records], indent=0))
     (root / "_DONE").write_text("ok\n")

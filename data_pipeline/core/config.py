@@ -30,6 +30,22 @@ FAISS_DEVICES = ("auto", "cpu", "gpu")
 CLUSTER_MODES = ("kmeans", "hierarchical")
 CLUSTER_INITS = ("kmeans++", "afkmc2", "random")
 RETRIEVAL_MODES = ("as_is", "sample", "cluster")
+GIANT_ACTIONS = ("split", "flag")
+
+
+def _check_giant(section: str, fraction: float, min_size: int, action: str) -> None:
+    """Shared validation of the giant-component keys of the hash and copy_dedup sections."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{section}.giant_fraction must be in (0, 1], got {fraction}")
+    if min_size < 2:
+        raise ValueError(f"{section}.giant_min_size must be >= 2, got {min_size}")
+    if action not in GIANT_ACTIONS:
+        raise ValueError(f"{section}.giant_action must be one of {list(GIANT_ACTIONS)}, got {action!r}")
+
+
+def _check_margin(section: str, margin: float) -> None:
+    if not 0.0 < margin <= 1.0:
+        raise ValueError(f"{section}.audit_margin must be in (0, 1], got {margin}")
 SET_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -90,8 +106,12 @@ class HashConfig:
     flat_max: int = 200_000
     skip_degenerate: bool = True
     threads: int = 2
+    giant_fraction: float = 0.01
+    giant_min_size: int = 32
+    giant_action: str = "split"
 
     def __post_init__(self) -> None:
+        _check_giant("hash", self.giant_fraction, self.giant_min_size, self.giant_action)
         if self.method not in HASH_METHODS:
             raise ValueError(f"hash.method must be one of {list(HASH_METHODS)}, got {self.method!r}")
         if self.index not in INDEX_KINDS:
@@ -165,15 +185,19 @@ class CopyDedupConfig:
     pq_m: int = 32
     rerank: int = 256
     recall_sample: int = 1000
-    audit_low: float = 0.55
-    audit_high: float = 0.65
+    audit_margin: float = 0.05
     audit_pairs: int = 200
     threads: int = 2
     device: str = "auto"  # faiss GPUs when present (auto), or cpu / gpu; decontaminate searches the same way
+    giant_fraction: float = 0.01
+    giant_min_size: int = 32
+    giant_action: str = "split"
 
     def __post_init__(self) -> None:
         if self.device not in FAISS_DEVICES:
             raise ValueError(f"copy_dedup.device must be one of {list(FAISS_DEVICES)}, got {self.device!r}")
+        _check_giant("copy_dedup", self.giant_fraction, self.giant_min_size, self.giant_action)
+        _check_margin("copy_dedup", self.audit_margin)
         if self.index not in KNN_INDEX_KINDS:
             raise ValueError(f"copy_dedup.index must be one of {list(KNN_INDEX_KINDS)}, got {self.index!r}")
         if self.k < 1:
@@ -183,8 +207,6 @@ class CopyDedupConfig:
         _at_least("copy_dedup", 1, flat_max=self.flat_max, nprobe=self.nprobe, pq_m=self.pq_m, rerank=self.rerank,
                   threads=self.threads)
         _at_least("copy_dedup", 0, nlist=self.nlist, recall_sample=self.recall_sample, audit_pairs=self.audit_pairs)
-        _within("copy_dedup.audit_low", self.audit_low, -1.0, 1.0)
-        _within("copy_dedup.audit_high", self.audit_high, self.audit_low, 1.0)
 
 
 @dataclass
@@ -194,11 +216,15 @@ class DecontaminateConfig:
     eval_sets: list[str] = field(default_factory=list)
     threshold: float = 0.45
     k: int = 64
+    audit_margin: float = 0.05
+    audit_pairs: int = 200
 
     def __post_init__(self) -> None:
+        _check_margin("decontaminate", self.audit_margin)
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
         _at_least("decontaminate", 1, k=self.k)
+        _at_least("decontaminate", 0, audit_pairs=self.audit_pairs)
         for k, entry in enumerate(self.eval_sets):
             parse_eval_set(entry, f"decontaminate.eval_sets[{k}]")
 

@@ -2,8 +2,10 @@
 
 Every embedded pool image queries its k = 64 nearest neighbours (`knn.Searcher`: exact flat search for small pools,
 IVF / IVF-PQ with an exact re-rank for large ones). Pairs with cosine > `copy_dedup.threshold` (0.6) are edges of an
-undirected graph; union-find gives its connected components, and each component keeps one member by the documented
-rule shared with the hash stages (largest width*height, then smallest id).
+undirected graph. Its connected components are only reported (they chain unrelated images); images are grouped by
+`groups.group_pairs`, shared with the hash stage: giant components (above a share of the pool) are split or flagged,
+then greedy representatives in the documented order (largest width*height, then smallest id) keep every removed
+image within the threshold of the image it is removed in favour of.
 
 Resume: query rows are processed in chunks whose candidate pairs are written atomically to `_work/pairs-*.parquet`
 (and a trained IVF index to `_work/index.faiss`), so a killed run redoes only the unfinished chunk.
@@ -20,15 +22,14 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.knn import Searcher, index_to_bytes, knn_params, measure_recall, searcher_from_bytes
-from data_pipeline.core.stage import Stage, StageContext, reject_counts
-from data_pipeline.dedup.groups import connected_labels, pick_representatives
+from data_pipeline.core.stage import Stage, StageContext
+from data_pipeline.dedup.groups import giant_limit, group_pairs, quality_rank
 from data_pipeline.embed.embed import load_embeddings
 
 # Query rows per resumable work chunk.
 CHUNK_ROWS = 1 << 16
-# Components above this size are counted as "giant": at cos 0.6 with k = 64, chains a~b~c can join unrelated images.
-GIANT_COMPONENT = 1000
-LARGEST_REPORTED = 20
+# Giant components are split in steps of 0.01 of cosine; edges at cos >= 0.99 (level 1) are never dropped.
+LEVELS_PER_UNIT = 100
 
 
 def upstream_tag(ctx: StageContext, *names: str) -> dict[bytes, bytes]:
@@ -122,19 +123,9 @@ def self_pairs(
     return a[first], b[first], s[first], searcher
 
 
-def component_summary(labels: np.ndarray) -> dict:
-    """Component-size histogram {size: count} (singletons included) and the largest sizes."""
-    sizes = np.bincount(np.bincount(labels)) if labels.size else np.zeros(0, np.int64)
-    hist = {str(size): int(c) for size, c in enumerate(sizes) if size > 0 and c > 0}
-    comp_sizes = np.bincount(labels)
-    comp_sizes = np.sort(comp_sizes[comp_sizes > 0])[::-1]
-    return {
-        "histogram": hist,
-        "largest": comp_sizes[:LARGEST_REPORTED].tolist(),
-        "components": int((comp_sizes > 1).sum()),
-        "singletons": int((comp_sizes == 1).sum()),
-        "giant": int((comp_sizes > GIANT_COMPONENT).sum()),
-    }
+def edge_levels(sim: np.ndarray) -> np.ndarray:
+    """Looseness of copy edges for splitting giants: 1 - cosine in hundredths, rounded up (cos >= 0.99 -> level 1)."""
+    return np.maximum(1, np.ceil((1.0 - sim.astype(np.float64)) * LEVELS_PER_UNIT - 1e-9)).astype(np.int64)
 
 
 def audit_sample(
@@ -157,9 +148,11 @@ def _set_column(table: pa.Table, name: str, values, typ: pa.DataType) -> pa.Tabl
 def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     """Build the copy graph; write manifest.parquet, edges.parquet, audit.parquet and components.json.
 
-    Removed rows get dup_kind='copy', dup_group/dup_of = the component's kept member; rows that earlier stages
-    grouped under a removed member follow it to the new kept member. New column copy_component (int64): row_id of
-    the component's kept member for embedded rows, -1 for the rest.
+    Removed rows get dup_kind='copy', dup_group = the row_id and dup_of = the id of the representative they are
+    removed in favour of (cosine > threshold with it); rows that earlier stages grouped under a removed member
+    follow it to the new kept member (dup_group only). New column copy_component (int64): row_id of the copy
+    group's kept member for embedded rows, -1 for the rest. components.json: the threshold graph's components,
+    giant components and what was done with them, the final group sizes.
     """
     cfg = ctx.cfg.copy_dedup
     out_dir = ctx.stage_dir("copy_dedup")
@@ -168,30 +161,34 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     pool_rows = pool_row_ids(table, rows)
     n, n_rows = pool.shape[0], table.num_rows
     params = knn_params(cfg, seed=ctx.cfg.seed)
-    floor = min(cfg.threshold, cfg.audit_low)
+    floor = cfg.threshold - cfg.audit_margin  # the audit band reaches below the edge threshold
     a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work)
     edge = s > cfg.threshold
-    labels = connected_labels(n, a[edge], b[edge])
 
     ids = np.array(table.column("id").to_pylist(), dtype=object)
     w = table.column("width").fill_null(0).to_numpy().astype(np.int64)
     h = table.column("height").fill_null(0).to_numpy().astype(np.int64)
-    rep = pool_rows[pick_representatives(labels, (w * h)[pool_rows], ids[pool_rows].astype(str))]
+    limit = giant_limit(n, cfg.giant_fraction, cfg.giant_min_size)
+    grouping = group_pairs(n, a[edge], b[edge], s[edge], edge_levels(s[edge]),
+                           quality_rank((w * h)[pool_rows], ids[pool_rows].astype(str)), limit, cfg.giant_action,
+                           floor_level=1)
+    rep = pool_rows[grouping.rep]
 
     keep = np.array(table.column("keep").to_pylist(), dtype=bool)
     kept_in = int(keep.sum())
     kind = table.column("dup_kind").to_pylist()
     dup_of = table.column("dup_of").to_pylist()
     group = np.array(table.column("dup_group").to_pylist(), dtype=np.int64)
-    removed = pool_rows[rep != pool_rows]
+    moved = rep != pool_rows
+    removed = pool_rows[moved]
     keep[removed] = False
-    for row in removed:
-        kind[row] = "copy"
+    for row, r in zip(removed, rep[moved]):
+        kind[row], dup_of[row] = "copy", str(ids[r])
+    # Rows removed earlier keep their dup_of (the image they were removed in favour of) and follow their group's
+    # kept member (dup_group) to its copy-detection representative.
     follow = np.arange(n_rows, dtype=np.int64)
     follow[pool_rows] = rep
     new_group = follow[group]
-    for row in np.flatnonzero(new_group != group):
-        dup_of[row] = str(ids[new_group[row]])
     component = np.full(n_rows, -1, dtype=np.int64)
     component[pool_rows] = rep
     for name, values, typ in (("dup_group", new_group, pa.int64()), ("dup_of", dup_of, pa.string()),
@@ -206,7 +203,9 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         "i": pa.array(ei[order], pa.int64()), "j": pa.array(ej[order], pa.int64()),
         "sim": pa.array(s[edge][order], pa.float32())}))
     artifacts.write_parquet_atomic(out_dir / "audit.parquet", audit_table(table, pool_rows, a, b, s, cfg, ctx.cfg.seed))
-    summary = component_summary(labels)
+    summary = grouping.summary
+    for g in summary["giant"]["largest"]:
+        g["row"] = int(pool_rows[g["row"]])  # pool index -> manifest row_id
     artifacts.write_json_atomic(out_dir / "components.json", summary)
 
     kind_used = searcher.kind if searcher is not None else "flat"
@@ -224,7 +223,8 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     nlist = searcher.nlist if searcher is not None else 0
     print(f"[copy_dedup] index={kind_used} nlist={nlist}: edge recall (cos > {cfg.threshold}) {recall:.4f}, "
           f"recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, {len(removed)} of {n} removed, "
-          f"largest component {summary['largest'][0] if summary['largest'] else 0}")
+          f"largest component {summary['largest'][0] if summary['largest'] else 0}, "
+          f"{summary['giant']['count']} above {limit} ({cfg.giant_action})")
     shutil.rmtree(work, ignore_errors=True)
     return {
         "inputs": int(n),
@@ -234,20 +234,22 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         "edges": int(edge.sum()),
         "components": summary["components"],
         "largest_component": int(summary["largest"][0]) if summary["largest"] else 0,
-        "giant_components": summary["giant"],
+        "giant_components": summary["giant"]["count"],
         "index": kind_used,
         "nlist": int(nlist),
         "recall": round(float(recall), 6),
         "recall_at_k": round(float(recall_at_k), 6),
         "recall_method": method,
-        "rejects": reject_counts(table),
+        "audit_band": [round(cfg.threshold + d * cfg.audit_margin, 6) for d in (-1, 0, 1)],
+        "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 
 
 def audit_table(table: pa.Table, pool_rows: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, cfg,
                 seed: int) -> pa.Table:
     """Borderline pairs for human audit: columns i, j, sim, edge, id_*, path_*, member_* (row_ids, sorted)."""
-    pick = audit_sample(a, b, s, cfg.audit_low, cfg.audit_high, cfg.audit_pairs, seed)
+    pick = audit_sample(a, b, s, cfg.threshold - cfg.audit_margin, cfg.threshold + cfg.audit_margin, cfg.audit_pairs,
+                        seed)
     i, j = pool_rows[a[pick]], pool_rows[b[pick]]
     order = np.lexsort((j, i))
     i, j, sim = i[order], j[order], s[pick][order]

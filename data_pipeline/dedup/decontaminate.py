@@ -6,7 +6,10 @@ Each eval image's copy embedding queries the WHOLE embedded pool, including rows
 every member of a touched component is removed, the kept representative included. Rows removed earlier keep their
 dup_kind but are labelled too (`contaminated_by`), as are exact / near duplicates grouped under a touched member.
 
-Resume: each eval set's matches are written atomically to `_work/matches-NNN.parquet` and skipped on a re-run.
+Outputs: `manifest.parquet` (+ contaminated_by), `matches.parquet` (every pair above the threshold) and `audit.parquet`
+(a seeded sample of borderline pairs within `decontaminate.audit_margin` of the threshold, for the report).
+Resume: each eval set's pairs above the audit floor are written atomically to `_work/matches-NNN.parquet` and skipped
+on a re-run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.knn import Searcher, knn_params
-from data_pipeline.core.stage import Stage, StageContext, reject_counts
+from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.copy_dedup import pool_row_ids, upstream_tag
 from data_pipeline.embed.embed import load_embeddings, parse_eval_set
 
@@ -34,7 +37,7 @@ def plan_decontaminate(ctx: StageContext) -> pa.Table:
 
 def match_set(searcher: Searcher, evals: np.ndarray, eval_ids: list[str], name: str, k: int, threshold: float,
               pool_rows: np.ndarray, pool_component: np.ndarray) -> pa.Table:
-    """Pool neighbours of one eval set above the threshold.
+    """Pool neighbours of one eval set above `threshold` (the audit floor: the caller splits matches from the band).
 
     Args:
         evals: float16 [m, d] eval embeddings; eval_ids: [m] their ids.
@@ -55,8 +58,33 @@ def match_set(searcher: Searcher, evals: np.ndarray, eval_ids: list[str], name: 
     }, schema=MATCH_SCHEMA)
 
 
+def with_eval_paths(pairs: pa.Table, eval_rows: pa.Table | None) -> pa.Table:
+    """`pairs` (MATCH_SCHEMA) plus eval_path and eval_member, looked up by eval_id in the set's embed listing."""
+    where = {}
+    if eval_rows is not None:
+        where = dict(zip(eval_rows.column("id").to_pylist(),
+                         zip(eval_rows.column("path").to_pylist(), eval_rows.column("member").to_pylist())))
+    found = [where.get(e, (None, None)) for e in pairs.column("eval_id").to_pylist()]
+    return (pairs.append_column("eval_path", pa.array([f[0] for f in found], pa.string()))
+            .append_column("eval_member", pa.array([f[1] for f in found], pa.string())))
+
+
+def audit_table(band: pa.Table, manifest: pa.Table, threshold: float, n_pairs: int, seed: int) -> pa.Table:
+    """Seeded sample of at most `n_pairs` borderline (eval, pool) pairs, with hit = sim > threshold and the pool
+    image's id, path and member; in set, eval id, row_id order."""
+    if band.num_rows > n_pairs:
+        pick = np.sort(np.random.default_rng(seed).choice(band.num_rows, n_pairs, replace=False))
+        band = band.take(pa.array(pick, pa.int64()))
+    band = band.append_column("hit", pa.array(band.column("sim").to_numpy() > threshold, pa.bool_()))
+    rows = band.column("row_id")
+    for name in ("id", "path", "member"):
+        band = band.append_column(name, manifest.column(name).take(rows).cast(pa.string()))
+    return band
+
+
 def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
-    """Write manifest.parquet (plus contaminated_by) and matches.parquet; counts per eval set."""
+    """Write manifest.parquet (plus contaminated_by), matches.parquet and audit.parquet; counts per eval set
+    (removed_rows: removed by this stage; already_removed: hit rows an earlier stage or set had removed)."""
     cfg = ctx.cfg.decontaminate
     out_dir = ctx.stage_dir("decontaminate")
     work = out_dir / "_work"
@@ -73,6 +101,7 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
     contaminated_by: list[str | None] = [None] * n_rows
     per_set: dict[str, dict] = {}
     matches = [MATCH_SCHEMA.empty_table()]
+    band = [with_eval_paths(MATCH_SCHEMA.empty_table(), None)]
     searcher = None
     for s_i, name in enumerate(names):
         if not (emb_dir / f"eval-{name}.npy").is_file():
@@ -91,10 +120,14 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
                 raise ValueError(f"embed_copy eval-{name}: shape {evals.shape} / {eval_rows.num_rows} rows does not "
                                  f"fit the pool's {searcher.base.shape}; re-run embed_copy")
             k = max(1, min(cfg.k, searcher.base.shape[0]))
-            m = match_set(searcher, evals, eval_rows.column("id").to_pylist(), name, k, cfg.threshold, pool_rows,
+            floor = cfg.threshold - cfg.audit_margin  # pairs in the audit band below the threshold are kept too
+            m = match_set(searcher, evals, eval_rows.column("id").to_pylist(), name, k, floor, pool_rows,
                           component[pool_rows])
             artifacts.write_parquet_atomic(f, m)
-        m = artifacts.read_table(f)
+        near = artifacts.read_table(f)
+        sims = near.column("sim").to_numpy()
+        m = near.filter(pa.array(sims > cfg.threshold))
+        band.append(with_eval_paths(near.filter(pa.array(sims <= cfg.threshold + cfg.audit_margin)), eval_rows))
         matches.append(m)
         touched = np.unique(m.column("component").to_numpy())
         hit_rows = np.flatnonzero(np.isin(component, touched) | ((component < 0) & np.isin(group, touched)))
@@ -106,7 +139,8 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
             if contaminated_by[row] is None:  # the first set in config order names a row hit by several
                 contaminated_by[row] = name
         per_set[name] = {"eval_images": int(evals.shape[0]), "matches": int(m.num_rows),
-                         "matched_components": int(touched.size), "removed_rows": int(newly.size)}
+                         "matched_components": int(touched.size), "removed_rows": int(newly.size),
+                         "already_removed": int(hit_rows.size - newly.size)}
 
     table = table.set_column(table.column_names.index("dup_kind"), "dup_kind", pa.array(kind, pa.string()))
     table = table.set_column(table.column_names.index("keep"), "keep", pa.array(keep, pa.bool_()))
@@ -117,6 +151,8 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         table = table.append_column("contaminated_by", col)
     artifacts.write_parquet_atomic(out_dir / "manifest.parquet", table)
     artifacts.write_parquet_atomic(out_dir / "matches.parquet", pa.concat_tables(matches))
+    audit = audit_table(pa.concat_tables(band), table, cfg.threshold, cfg.audit_pairs, ctx.cfg.seed)
+    artifacts.write_parquet_atomic(out_dir / "audit.parquet", audit)
     shutil.rmtree(work, ignore_errors=True)
     removed = kept_in - int(keep.sum())
     if names:
@@ -127,14 +163,15 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         "outputs": int(keep.sum()),
         "removed": {"contaminated": removed},
         "sets": per_set,
-        "rejects": reject_counts(table),
+        "audit_band": [round(cfg.threshold + d * cfg.audit_margin, 6) for d in (-1, 0, 1)],
+        "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 
 
 STAGE = Stage(
     name="decontaminate",
     inputs=("copy_dedup", "embed_copy"),
-    outputs=("manifest.parquet", "matches.parquet"),
+    outputs=("manifest.parquet", "matches.parquet", "audit.parquet"),
     config_sections=("decontaminate", "copy_dedup"),
     plan=plan_decontaminate,
     finish=finish_decontaminate,

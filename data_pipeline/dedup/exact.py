@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.core import artifacts
-from data_pipeline.core.stage import Stage, StageContext, reject_counts
+from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.groups import connected_labels, pick_representatives
 
 DEDUP_FIELDS = [
@@ -74,7 +74,7 @@ def finish_exact(ctx: StageContext, table: pa.Table) -> dict:
         "inputs": int(sum(s == "ok" for s in table.column("status").to_pylist())),
         "outputs": int(sum(cols["keep"])),
         "removed": {k: kinds.count(k) for k in sorted(set(kinds))},
-        "rejects": reject_counts(table),
+        "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 
 

@@ -1,4 +1,4 @@
-"""Near-duplicate stage: Hamming range search over 64-bit hashes with a Faiss binary index, union-find groups."""
+"""Near-duplicate stage: Hamming range search over 64-bit hashes with a Faiss binary index, chain-free groups."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import HashConfig
-from data_pipeline.core.stage import Stage, StageContext, reject_counts
-from data_pipeline.dedup.groups import connected_labels, pick_representatives
+from data_pipeline.core.stage import Stage, StageContext
+from data_pipeline.dedup.groups import giant_limit, group_pairs, quality_rank
 from data_pipeline.dedup.phash import FLAG_DEGENERATE, FLAG_HASHED
 
 
@@ -88,10 +88,12 @@ def plan_near(ctx: StageContext) -> pa.Table:
 
 
 def finish_near(ctx: StageContext, table: pa.Table) -> dict:
-    """Group near-duplicates among exact-dedup survivors; write `manifest.parquet` and `edges.parquet`.
+    """Group near-duplicates among exact-dedup survivors; write manifest.parquet, edges.parquet, components.json.
 
-    Representative rule: largest width*height, then smallest id. Removed rows get dup_kind='near', dup_of=the kept
-    member's id, dup_group=its row_id.
+    Grouping (`groups.group_pairs`): giant components handled per `hash.giant_*`, then greedy representatives in the
+    documented order (largest width*height, then smallest id); each removed row is within `hash.threshold` of the
+    row it is removed in favour of. Removed rows get dup_kind='near', dup_of=that row's id, dup_group=its row_id;
+    exact duplicates keep their dup_of and follow their kept member into its group (dup_group).
     """
     cfg = ctx.cfg.hash
     flags = table.column("phash_flags").to_numpy()
@@ -100,11 +102,13 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
         cand_mask &= (flags & FLAG_DEGENERATE) == 0
     cand = np.flatnonzero(cand_mask)
     ci, cj, dist = near_pairs(table.column("phash").to_numpy()[cand], cfg)
-    labels = connected_labels(len(cand), ci, cj)
     w = table.column("width").fill_null(0).to_numpy()[cand].astype(np.int64)
     h = table.column("height").fill_null(0).to_numpy()[cand].astype(np.int64)
     ids = np.array(table.column("id").to_pylist())
-    rep = cand[pick_representatives(labels, w * h, ids[cand])]
+    limit = giant_limit(len(cand), cfg.giant_fraction, cfg.giant_min_size)
+    grouping = group_pairs(len(cand), ci, cj, -dist.astype(np.int64), dist.astype(np.int64),
+                           quality_rank(w * h, ids[cand]), limit, cfg.giant_action)
+    rep = cand[grouping.rep]
     group = np.array(table.column("dup_group").to_pylist(), dtype=np.int64)
     dup_of, kind = table.column("dup_of").to_pylist(), table.column("dup_kind").to_pylist()
     keep = np.array(table.column("keep").to_pylist(), dtype=bool)
@@ -112,10 +116,8 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     near_rep[cand] = rep
     for row, r in zip(cand, rep):
         if row != r:
-            kind[row], keep[row] = "near", False
+            kind[row], keep[row], dup_of[row] = "near", False, str(ids[r])
     group = near_rep[group]  # exact duplicates follow their kept member into its near-duplicate group
-    for row in np.flatnonzero(group != np.arange(table.num_rows)):
-        dup_of[row] = str(ids[group[row]])
     for name, values, typ in (("dup_group", group, pa.int64()), ("dup_of", dup_of, pa.string()),
                               ("dup_kind", kind, pa.string()), ("keep", keep, pa.bool_())):
         table = table.set_column(table.column_names.index(name), name, pa.array(values, type=typ))
@@ -124,19 +126,28 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     edges = pa.table({"i": pa.array(cand[ci], pa.int64()), "j": pa.array(cand[cj], pa.int64()),
                       "dist": pa.array(dist, pa.int32())})
     artifacts.write_parquet_atomic(d / "edges.parquet", edges)
+    summary = grouping.summary
+    for g in summary["giant"]["largest"]:
+        g["row"] = int(cand[g["row"]])  # candidate index -> manifest row_id
+    artifacts.write_json_atomic(d / "components.json", summary)
+    if summary["giant"]["count"]:
+        print(f"[near_dedup] {summary['giant']['count']} giant component(s) above {limit} images "
+              f"({cfg.giant_action}): sizes {[g['size'] for g in summary['giant']['largest']]}")
     return {
         "inputs": int(cand_mask.sum()),
         "outputs": int(keep.sum()),
         "removed": {"near": int(sum(k == "near" for k in kind))},
         "edges": int(len(ci)),
-        "rejects": reject_counts(table),
+        "largest_component": int(summary["largest"][0]) if summary["largest"] else 0,
+        "giant_components": int(summary["giant"]["count"]),
+        "rejects": {},  # rows rejected upstream are counted by the stage that rejected them
     }
 
 
 STAGE = Stage(
     name="near_dedup",
     inputs=("exact_dedup", "phash"),
-    outputs=("manifest.parquet", "edges.parquet"),
+    outputs=("manifest.parquet", "edges.parquet", "components.json"),
     config_sections=("hash",),
     plan=plan_near,
     finish=finish_near,

@@ -1,10 +1,12 @@
 """Stage "report": `report.json` (numbers) and `report.html` (tables, thumbnails, plots) over every finished stage.
 
 The report reads whatever exists: each present stage's `_SUCCESS.json` / `stats.json`, and, when present, the
-near_dedup / copy_dedup manifests (duplicate groups), copy_dedup/audit.parquet (borderline pairs),
-decontaminate/manifest.parquet, cluster/offsets.npy, retrieve/selected.parquet (+ retrieval.parquet) and
-shards/index.json. A missing artifact only drops its section. Plots are matplotlib (Agg) PNGs in `img/`; thumbnails
-are decoded with the same safe decoder as stage 2 and inlined as JPEG data URIs, so the page needs only `img/`.
+manifests (funnel, rejects and removals per stage, duplicate groups, decontamination: `summary.py` derives every
+count from them), the dedup stages' edges.parquet / components.json (group distances, giant components), the
+audit.parquet borderline pairs of copy_dedup and decontaminate, cluster/offsets.npy, retrieve/selected.parquet
+(+ retrieval.parquet) and shards/index.json. A missing artifact only drops its section. Plots are matplotlib (Agg)
+PNGs in `img/`; thumbnails are decoded with the same safe decoder as stage 2 and inlined as JPEG data URIs, so the
+page needs only `img/`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from data_pipeline.core.config import CurateConfig
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.ingest.decode import DecodeReject, decode_rgb
 from data_pipeline.ingest.ingest import read_item_bytes
+from data_pipeline.output.summary import (
+    COPY_KINDS,
+    NEAR_KINDS,
+    audit_groups,
+    copy_group_sizes,
+    decontamination_counts,
+    giant_components,
+    manifest_funnel,
+)
 
 PIPELINE = ("ingest", "decode", "exact_dedup", "phash", "near_dedup", "embed_copy", "copy_dedup", "decontaminate",
             "embed_ssl", "cluster", "retrieve", "shards")
@@ -91,35 +102,43 @@ def retrieval_table(retrieve_dir: Path) -> pa.Table | None:
     return long.set_column(4, "similarity", long.column("similarity").cast(pa.float64()))
 
 
-def collect(out_dir: Path) -> dict:
-    """Everything in report.json: per-stage counts, rejects, dup kinds, copy components, decontamination, cluster
-    sizes, retrieval per seed set and mode, shards."""
+def collect(out_dir: Path, n_groups: int = 8) -> dict:
+    """Everything in report.json: per-stage counts (inputs, outputs, rejects and removals derived from the manifests
+    where a stage has one), dup kinds, copy groups, giant components, groups to audit, audit bands,
+    decontamination, cluster sizes, retrieval per seed set and mode, shards."""
+    funnel = manifest_funnel(out_dir)
     stages = []
     for name in present_stages(out_dir):
         counts = artifacts.read_success(out_dir / name)["counts"]
         stats_path = out_dir / name / "stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-        stages.append({"stage": name, "inputs": counts.get("inputs"), "outputs": counts.get("outputs"),
-                       "seconds": stats.get("seconds"), "counts": counts})
-    rep: dict = {"stages": stages,
-                 "rejects": {s["stage"]: s["counts"]["rejects"] for s in stages if s["counts"].get("rejects")}}
+        own = funnel.get(name, {"inputs": counts.get("inputs"), "outputs": counts.get("outputs"),
+                                "rejects": counts.get("rejects") or {}, "removed": counts.get("removed") or {}})
+        stages.append({"stage": name, **own, "seconds": stats.get("seconds"), "counts": counts})
+    rep: dict = {"stages": stages, "rejects": {s["stage"]: s["rejects"] for s in stages if s["rejects"]},
+                 "removed": {s["stage"]: s["removed"] for s in stages if s["removed"]}}
     names = {s["stage"] for s in stages}
     for name in MANIFEST_STAGES:
         m = _read_optional(out_dir / name / "manifest.parquet") if name in names else None
-        if _has(m, "dup_kind"):
-            rep["dup_kinds"] = {"from": name, **_value_counts(m.column("dup_kind"))}
+        if _has(m, "dup_kind", "keep"):
+            removed = m.filter(pc.invert(m.column("keep").fill_null(False)))
+            rep["dup_kinds"] = {"from": name, **_value_counts(removed.column("dup_kind"))}
             break
-    if "copy_dedup" in names:
-        m = _read_optional(out_dir / "copy_dedup" / "manifest.parquet")
-        if _has(m, "copy_component"):
-            comp = np.asarray(m.column("copy_component").to_numpy(zero_copy_only=False), dtype=np.int64)
-            sizes = np.unique(comp[comp >= 0], return_counts=True)[1]
-            hist = np.unique(sizes, return_counts=True)
-            rep["copy_components"] = {str(int(s)): int(c) for s, c in zip(*hist)}
-    if "decontaminate" in names:
-        m = _read_optional(out_dir / "decontaminate" / "manifest.parquet")
-        if _has(m, "contaminated_by"):
-            rep["decontamination"] = _value_counts(m.column("contaminated_by"))
+    sizes = copy_group_sizes(out_dir)
+    if sizes is not None:
+        rep["copy_components"] = sizes
+    giants = giant_components(out_dir)
+    if giants:
+        rep["giant_components"] = giants
+    groups = {stage: audit_groups(out_dir, stage, kinds, n_groups)
+              for stage, kinds in (("near_dedup", NEAR_KINDS), ("copy_dedup", COPY_KINDS)) if stage in names}
+    rep["audit_groups"] = {k: v for k, v in groups.items() if v is not None}
+    bands = {s["stage"]: s["counts"]["audit_band"] for s in stages if "audit_band" in s["counts"]}
+    if bands:
+        rep["audit_bands"] = bands
+    decon = decontamination_counts(out_dir)
+    if decon is not None:
+        rep["decontamination"] = decon
     offsets = out_dir / "cluster" / "offsets.npy"
     if "cluster" in names and offsets.is_file():
         sizes = np.diff(np.load(offsets))
@@ -202,20 +221,6 @@ def _tile(uri: str | None, caption: str, css: str = "") -> str:
     return f'<figure class="{css}">{img}<figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def _dup_groups(manifest: pa.Table, kinds: tuple[str, ...], n_groups: int) -> list[tuple[int, list[int]]]:
-    """(kept row, removed rows) of the largest groups (then smallest kept row_id) whose removals have a dup_kind in
-    `kinds`; at most MAX_PER_GROUP removed rows each."""
-    removed = pc.and_(pc.is_in(manifest.column("dup_kind"), pa.array(kinds, pa.string())),
-                      pc.invert(manifest.column("keep")))
-    rows = np.flatnonzero(removed.fill_null(False).to_numpy(zero_copy_only=False))
-    group = manifest.column("dup_group").take(pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False)
-    ok = ~np.isnan(group) if group.dtype.kind == "f" else np.ones(len(group), dtype=bool)
-    rows, group = rows[ok], group[ok].astype(np.int64)
-    uniq, counts = np.unique(group, return_counts=True)
-    best = uniq[np.lexsort((uniq, -counts))][:n_groups]
-    return [(int(g), rows[group == g][:MAX_PER_GROUP].tolist()) for g in best]
-
-
 def _row(manifest: pa.Table, row: int) -> dict:
     return manifest.slice(row, 1).select(list(THUMB_COLUMNS)).to_pylist()[0]
 
@@ -224,33 +229,60 @@ def _row_tile(thumbs: Thumbs, r: dict, label: str, css: str = "") -> str:
     return _tile(thumbs.uri(r["path"], r["member"]), f"{label} {r['id']} {r['width']}x{r['height']}", css)
 
 
-def _dup_section(out_dir: Path, stage: str, kinds: tuple[str, ...], title: str, cfg: CurateConfig,
-                 thumbs: Thumbs) -> str:
+def _distance_label(stage: str, kind: str, dist: float | None) -> str:
+    if dist is None:
+        return f"{kind}:"
+    return f"{kind} cos {dist:.3f}" if stage == "copy_dedup" else f"{kind} {int(dist)} bits"
+
+
+def _groups_section(out_dir: Path, stage: str, groups: dict[str, list[dict]], title: str, thumbs: Thumbs) -> str:
+    """Largest groups and loosest groups of one dedup level: kept image first, then removed ones, loosest first."""
     manifest = _read_optional(out_dir / stage / "manifest.parquet")
-    if not _has(manifest, *THUMB_COLUMNS, "dup_kind", "dup_group", "keep"):
+    if not _has(manifest, *THUMB_COLUMNS):
         return ""
     parts = [f"<h3>{_e(title)}</h3>"]
-    groups = _dup_groups(manifest, kinds, cfg.report.dup_examples)
-    if not groups:
-        parts.append("<p>none</p>")
-    kind = manifest.column("dup_kind")
-    for kept, removed in groups:
-        tiles = [_row_tile(thumbs, _row(manifest, kept), "kept", "kept")]
-        tiles += [_row_tile(thumbs, _row(manifest, r), f"{kind[r].as_py()}:", "removed") for r in removed]
-        parts.append(f'<div class="row">{"".join(tiles)}</div>')
+    for which, caption in (("largest", "largest groups"), ("loosest", "loosest groups (farthest member first)")):
+        parts.append(f"<h4>{_e(caption)}</h4>")
+        if not groups[which]:
+            parts.append("<p>none</p>")
+        for g in groups[which]:
+            tiles = [_row_tile(thumbs, _row(manifest, g["kept"]), f"kept (+{g['size']})", "kept")]
+            tiles += [_row_tile(thumbs, _row(manifest, r), _distance_label(stage, kind, d), "removed")
+                      for r, kind, d in g["members"][:MAX_PER_GROUP]]
+            parts.append(f'<div class="row">{"".join(tiles)}</div>')
     return "".join(parts)
 
 
-def _audit_section(out_dir: Path, cfg: CurateConfig, thumbs: Thumbs) -> str:
+def _band_title(what: str, band: list[float] | None) -> str:
+    if not band:
+        return f"Borderline {what} pairs (audit sample)"
+    low, threshold, high = band
+    return f"Borderline {what} pairs: {low:.3f} < cos <= {high:.3f} around the threshold {threshold:.3f} (audit sample)"
+
+
+def _audit_section(out_dir: Path, cfg: CurateConfig, band: list[float] | None, thumbs: Thumbs) -> str:
     audit = _read_optional(out_dir / "copy_dedup" / "audit.parquet")
     manifest = _read_optional(out_dir / "copy_dedup" / "manifest.parquet")
     if not (_has(audit, "i", "j", "sim") and _has(manifest, *THUMB_COLUMNS)):
         return ""
-    parts = ["<h3>Borderline copy-detection pairs (audit sample)</h3>"]
+    parts = [f"<h3>{_e(_band_title('copy-detection', band))}</h3>"]
     head = audit.slice(0, cfg.report.dup_examples)
     for i, j, sim in zip(*(head.column(c).to_pylist() for c in ("i", "j", "sim"))):
         tiles = [_row_tile(thumbs, _row(manifest, int(i)), ""),
                  _row_tile(thumbs, _row(manifest, int(j)), f"cos {sim:.3f}")]
+        parts.append(f'<div class="row">{"".join(tiles)}</div>')
+    return "".join(parts)
+
+
+def _decontamination_audit(out_dir: Path, cfg: CurateConfig, band: list[float] | None, thumbs: Thumbs) -> str:
+    audit = _read_optional(out_dir / "decontaminate" / "audit.parquet")
+    if not _has(audit, "eval_set", "eval_id", "eval_path", "eval_member", "sim", "hit", "id", "path", "member"):
+        return ""
+    parts = [f"<h3>{_e(_band_title('evaluation-pool', band))}</h3>"]
+    for r in audit.slice(0, cfg.report.dup_examples).to_pylist():
+        verdict = "removed" if r["hit"] else "kept"
+        tiles = [_tile(thumbs.uri(r["eval_path"], r["eval_member"]), f"{r['eval_set']} {r['eval_id']}", "seed"),
+                 _tile(thumbs.uri(r["path"], r["member"]), f"cos {r['sim']:.3f} ({verdict}) {r['id']}")]
         parts.append(f'<div class="row">{"".join(tiles)}</div>')
     return "".join(parts)
 
@@ -360,28 +392,14 @@ def render_html(out_dir: Path, rep: dict, cfg: CurateConfig, plots: dict[str, st
                     f"<b>{_e(sh['nshards'])}</b> shards ({_e(round((sh['total_bytes'] or 0) / 1e6, 1))} MB).</p>")
     body.append("<h2>Stages</h2>")
     body.append(_table(["stage", "inputs", "outputs", "removed / rejected", "seconds"],
-                       [[s["stage"], s["inputs"], s["outputs"], _removed(s["counts"]), s["seconds"]]
-                        for s in rep["stages"]]))
+                       [[s["stage"], s["inputs"], s["outputs"], _removed(s), s["seconds"]] for s in rep["stages"]]))
     if "funnel" in plots:
         body.append(f'<img src="{_e(plots["funnel"])}" alt="funnel">')
     if rep["rejects"]:
         body.append("<h2>Rejects by reason</h2>")
         body.append(_table(["stage", "reason", "count"],
                            [[s, k, v] for s, reasons in rep["rejects"].items() for k, v in reasons.items()]))
-    body.append("<h2>Duplicates</h2>")
-    if "dup_kinds" in rep:
-        kinds = {k: v for k, v in rep["dup_kinds"].items() if k != "from"}
-        body.append(_table(["dup_kind", "removed"], sorted(kinds.items())))
-    if "copy_components" in rep:
-        body.append("<h3>Copy-detection components (size: count)</h3>")
-        body.append(_table(["size", "components"], list(rep["copy_components"].items())))
-    body.append(_dup_section(out_dir, "near_dedup", ("exact_bytes", "exact_pixels", "near"),
-                             "Exact and perceptual-hash duplicate groups (kept first)", cfg, thumbs))
-    body.append(_dup_section(out_dir, "copy_dedup", ("copy",), "Copy-detection groups (kept first)", cfg, thumbs))
-    body.append(_audit_section(out_dir, cfg, thumbs))
-    if "decontamination" in rep:
-        body.append("<h2>Decontamination</h2>")
-        body.append(_table(["evaluation set", "pool images removed"], list(rep["decontamination"].items())))
+    body.append(_duplicates_html(out_dir, rep, cfg, thumbs))
     if "cluster_sizes" in rep:
         body.append("<h2>Clusters</h2>")
         body.append(_table(list(rep["cluster_sizes"]), [list(rep["cluster_sizes"].values())]))
@@ -402,19 +420,48 @@ def render_html(out_dir: Path, rep: dict, cfg: CurateConfig, plots: dict[str, st
             f'</head><body>{"".join(body)}</body></html>\n')
 
 
-def _removed(counts: dict) -> str:
-    parts = []
-    for key in ("removed", "rejects"):
-        value = counts.get(key)
-        if isinstance(value, dict) and value:
-            parts.append(", ".join(f"{k} {v}" for k, v in value.items()))
+def _duplicates_html(out_dir: Path, rep: dict, cfg: CurateConfig, thumbs: Thumbs) -> str:
+    """Removals by kind and stage, copy groups, giant components, groups to audit, borderline pairs, decontamination."""
+    body = ["<h2>Duplicates</h2>"]
+    if "dup_kinds" in rep:
+        kinds = {k: v for k, v in rep["dup_kinds"].items() if k != "from"}
+        body.append(_table(["dup_kind", "removed"], sorted(kinds.items())))
+    if "copy_components" in rep:
+        body.append("<h3>Copy-detection groups (size: count)</h3>")
+        body.append(_table(["size", "groups"], list(rep["copy_components"].items())))
+    if "giant_components" in rep:
+        body.append("<h3>Giant components (chaining or degenerate content)</h3>")
+        body.append(_table(["stage", "limit", "action", "giant components", "sizes (largest piece left)"],
+                           [[stage, g["limit"], g["action"], g["count"],
+                             ", ".join(f"{c['size']} ({c['largest_piece']})" for c in g["largest"]) or "-"]
+                            for stage, g in rep["giant_components"].items()]))
+    groups = rep.get("audit_groups", {})
+    if "near_dedup" in groups:
+        body.append(_groups_section(out_dir, "near_dedup", groups["near_dedup"],
+                                    "Exact and perceptual-hash duplicate groups (kept first)", thumbs))
+    if "copy_dedup" in groups:
+        body.append(_groups_section(out_dir, "copy_dedup", groups["copy_dedup"], "Copy-detection groups (kept first)",
+                                    thumbs))
+    bands = rep.get("audit_bands", {})
+    body.append(_audit_section(out_dir, cfg, bands.get("copy_dedup"), thumbs))
+    if "decontamination" in rep:
+        body.append("<h2>Decontamination</h2>")
+        body.append(_table(["evaluation set", "pool images removed here", "already removed by an earlier stage"],
+                           [[k, v["removed_here"], v["already_removed"]] for k, v in rep["decontamination"].items()]))
+        body.append(_decontamination_audit(out_dir, cfg, bands.get("decontaminate"), thumbs))
+    return "".join(body)
+
+
+def _removed(stage: dict) -> str:
+    """'kind n, ...; reason n, ...' of what the stage itself removed and rejected."""
+    parts = [", ".join(f"{k} {v}" for k, v in stage[key].items()) for key in ("removed", "rejects") if stage[key]]
     return "; ".join(parts)
 
 
 def finish_report(ctx: StageContext, table: pa.Table) -> dict:
     """Write img/*.png, report.json and report.html; counts: inputs (stages read), outputs (plots), thumbnails."""
     out_dir, stage_dir = ctx.output_dir, ctx.stage_dir("report")
-    rep = collect(out_dir)
+    rep = collect(out_dir, ctx.cfg.report.dup_examples)
     plots = _plots(out_dir, rep, stage_dir / "img")
     thumbs = Thumbs(ctx.cfg)
     try:

@@ -232,8 +232,12 @@ def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
     m = _by_name(sc, artifacts.read_table(d / "manifest.parquet"))
     pos = sc["pos"]
     # A: largest pixels tie between "zz" and "aa" -> smaller id "idA-aa" (A2) wins. B: widest (B2).
+    # The chain C0~C1~C2 (cos(C0, C2) ~ 0): C0 is kept and C2, never removed in favour of C0, too; C1 goes to the
+    # closer of the two (both at cos ~0.7; float16 rounding decides).
+    vec = {r["name"]: r["vec"].astype(np.float16).astype(np.float32) for r in sc["rows"] if r["vec"] is not None}
+    c1_rep = max(("C0", "C2"), key=lambda c: (float(vec["C1"] @ vec[c]), c == "C0"))
     expected_rep = {**{f"A{k}": "A2" for k in range(4)}, **{f"B{k}": "B2" for k in range(3)},
-                    **{f"C{k}": "C0" for k in range(3)}, "H0": "H0", "H1": "H0"}
+                    "C0": "C0", "C1": c1_rep, "C2": "C2", "H0": "H0", "H1": "H0"}
     for name, rec in m.items():
         if name in ("rejected", "dupA1"):
             assert rec["copy_component"] == -1 and not rec["keep"]
@@ -245,11 +249,12 @@ def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
             assert rec["dup_kind"] == "copy" and rec["dup_group"] == pos[rep] and rec["dup_of"] == m[rep]["id"]
         else:
             assert rec["dup_kind"] == "" and rec["dup_group"] == pos[name]
-    # The exact duplicate of A1 follows A1 to the component's kept member; it keeps its own dup_kind.
-    assert m["dupA1"]["dup_group"] == pos["A2"] and m["dupA1"]["dup_of"] == "idA-aa"
+    # The exact duplicate of A1 follows A1 to the group's kept member; it keeps its own dup_kind and its dup_of (the
+    # image it was removed in favour of).
+    assert m["dupA1"]["dup_group"] == pos["A2"] and m["dupA1"]["dup_of"] == "idA-zz"
     assert m["dupA1"]["dup_kind"] == "exact_bytes"
     assert m["L0"]["keep"] and m["L1"]["keep"]  # 0.57 is below the edge threshold
-    # The chain: C0~C1, C1~C2 are edges, C0~C2 is not, yet all three are one component.
+    # The chain: C0~C1, C1~C2 are edges, C0~C2 is not; all three are one component of the graph, not one group.
     edges = artifacts.read_table(d / "edges.parquet")
     pairs = {(i, j) for i, j in zip(edges.column("i").to_pylist(), edges.column("j").to_pylist())}
     c = sorted([pos["C0"], pos["C2"]])
@@ -264,9 +269,11 @@ def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
     assert set(audit.column("path_i").to_pylist()) <= {f"/data/{r['name']}.jpg" for r in sc["rows"]}
     comps = json.loads((d / "components.json").read_text())
     assert comps["histogram"] == {"1": 42, "2": 1, "3": 2, "4": 1} and comps["largest"][:3] == [4, 3, 3]
+    assert comps["groups"]["histogram"] == {"1": 43, "2": 2, "3": 1, "4": 1}
+    assert comps["giant"]["count"] == 0 and comps["giant"]["limit"] == 32
     counts = res.counts
-    assert counts["removed"] == {"copy": 3 + 2 + 2 + 1} and counts["recall"] == 1.0 and counts["index"] == "flat"
-    assert counts["inputs"] == 54 and counts["outputs"] == 54 - 8 and counts["edges"] == 12
+    assert counts["removed"] == {"copy": 3 + 2 + 1 + 1} and counts["recall"] == 1.0 and counts["index"] == "flat"
+    assert counts["inputs"] == 54 and counts["outputs"] == 54 - 7 and counts["edges"] == 12
 
 
 def test_copy_dedup_ivf_path_same_manifest(tmp_path, capsys):
@@ -293,11 +300,11 @@ def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
     sc = _scenario()
     rows, pos, rng = sc["rows"], sc["pos"], sc["rng"]
     vec = {r["name"]: r["vec"] for r in rows}
-    # evalA touches A3 (a member copy_dedup already removed) at cos 0.55; evalR touches R5 and nothing near A;
-    # evalN matches nothing.
+    # evalA touches A3 (a member copy_dedup already removed) at cos 0.55; evalR touches R5 (cos 0.48) and nothing
+    # near A; evalN matches nothing.
     evals = {
         "evalA": np.stack([_eval_near(vec["A3"], 0.55, rng), _unit(rng.standard_normal(D))]),
-        "evalR": _eval_near(vec["R5"], 0.5, rng)[None],
+        "evalR": _eval_near(vec["R5"], 0.48, rng)[None],
         "evalN": _unit(rng.standard_normal((2, D))),
     }
     _write_upstream(tmp_path, sc, evals)
@@ -319,11 +326,18 @@ def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
     assert (matches.column("sim").to_numpy() > 0.45).all()
     assert pos["A3"] in matches.column("row_id").to_pylist()
     sets = res.counts["sets"]
+    # evalA's component had 5 rows: A2 removed here; A0, A1, A3 (copies) and dupA1 were already removed upstream.
     assert sets["evalA"] == {"eval_images": 2, "matches": sets["evalA"]["matches"], "matched_components": 1,
-                             "removed_rows": 1}
+                             "removed_rows": 1, "already_removed": 4}
     assert sets["evalR"]["removed_rows"] == 1 and sets["evalN"]["matched_components"] == 0
     assert res.counts["removed"] == {"contaminated": 2}
     assert res.counts["outputs"] == res_copy.counts["outputs"] - 2
+    # The audit band follows the configured threshold: 0.45 +- 0.05. evalR~R5 at 0.48 is in it (a hit).
+    audit = artifacts.read_table(tmp_path / "decontaminate/audit.parquet").to_pylist()
+    assert audit and all(0.40 < a["sim"] <= 0.50 + 1e-6 and a["hit"] == (a["sim"] > 0.45) for a in audit)
+    r5 = [a for a in audit if a["row_id"] == pos["R5"]]
+    assert len(r5) == 1 and r5[0]["eval_set"] == "evalR" and r5[0]["hit"] and r5[0]["path"] == "/data/R5.jpg"
+    assert r5[0]["eval_path"] == "/eval/0.jpg"
 
 
 def test_decontaminate_without_eval_sets_is_a_noop(tmp_path):

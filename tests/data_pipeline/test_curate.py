@@ -76,7 +76,11 @@ def test_planted_exact_and_near_recall_no_false_merges(planted_run):
         assert kept[0] == (f"{base}_up.png" if len(members) > 1 else f"{base}.png")
         for n in members:
             if n != kept[0]:
-                assert by_id[rows[n]["dup_of"]] is rows[kept[0]]
+                # dup_of names the image it was removed in favour of: the kept one for a near duplicate, its exact
+                # group's representative (itself removed as a near duplicate) for an exact copy.
+                target = by_id[rows[n]["dup_of"]]
+                assert truth[Path(target["path"]).name][0] == base
+                assert target is rows[kept[0]] or rows[n]["dup_kind"].startswith("exact")
     # Exact stage: orig, byte copy and pixel copy form one exact group per base; nothing else joins it.
     exact = {Path(r["path"]).name: r for r in pq.read_table(out / "exact_dedup" / "manifest.parquet").to_pylist()}
     exact_groups = defaultdict(set)

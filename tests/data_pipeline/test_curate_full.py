@@ -3,14 +3,18 @@ report; the trainer trains on the shards; a re-run is a no-op; the CLI runs the 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -22,6 +26,28 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "curate" / "tiny.yaml"
 EVAL_PHOTO = "clock"  # a singleton photo of the planted set whose re-encoded copy forms the evaluation set
 SEED_PHOTOS = ("coffee", "rocket")  # sample-based seeds: fresh crops of these photos
+# A 16% crop of "page": 30 pHash bits from the original (no near duplicate) but cosine ~0.96 for the copy descriptor.
+COPY_ONLY = "page_crop16.png"
+
+
+def _extra_source(root: Path, imgtools) -> Path:
+    """A second source: a copy only copy detection catches, and files rejected at ingest and at decode."""
+    extra = root / "extra"
+    extra.mkdir()
+    page = imgtools.load_photos(names=("page",))["page"]
+    w, h = page.size
+    d = int(w * 0.08)
+    (extra / COPY_ONLY).write_bytes(imgtools.encode(page.crop((d, d, w - d, h - d)), "PNG"))
+    jpg = imgtools.encode(imgtools.load_photos(names=("coins",))["coins"].convert("RGB"), "JPEG", quality=90)
+    (extra / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (extra / "empty.jpg").write_bytes(b"")
+    (extra / "tiny.png").write_bytes(imgtools.encode(page.resize((8, 8)), "PNG"))
+    with tarfile.open(extra / "pack.tar", "w") as tf:
+        for name in ("../escape.jpg", "/abs.jpg"):  # rejected at listing time (ingest)
+            info = tarfile.TarInfo(name)
+            info.size = len(jpg)
+            tf.addfile(info, io.BytesIO(jpg))
+    return extra
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +65,10 @@ def full_setup(planted_src, copy_model_path, ssl_model_path, imgtools, tmp_path_
         w, h = im.size
         for k, box in enumerate(((0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h))):
             (seeds / f"{name}_{k}.jpg").write_bytes(imgtools.encode(im.crop(box), "JPEG", quality=90))
+    extra = _extra_source(root, imgtools)
+    truth = {**truth, COPY_ONLY: ("page", "crop16")}
     overrides = [
-        f"ingest.sources=[{src}]", "hash.threshold=8",
+        f"ingest.sources=[{src},{extra}]", "hash.threshold=8",
         f"embed.copy_model={copy_model_path}", f"embed.ssl_model={ssl_model_path}", "embed.ssl_resolution=56",
         "embed.loader_workers=0", "embed.batch_size=8",
         "copy_dedup.threshold=0.9",
@@ -150,3 +178,76 @@ def test_killed_at_later_stages_resumes_to_identical_outputs(full_setup, tmp_pat
     assert _success_markers(out) == _success_markers(ref_out)
     assert (out / "report" / "_SUCCESS.json").is_file()
     assert (out / "shards" / "index.json").read_bytes() == (ref_out / "shards" / "index.json").read_bytes()
+
+
+CHAIN = ("ingest", "decode", "exact_dedup", "near_dedup", "copy_dedup", "decontaminate")
+
+
+def test_report_numbers_match_the_manifests(full_setup):
+    """Rejects, every dedup kind and decontamination: each number of report.json recomputed from the manifests."""
+    _, _, _, out, _, _ = full_setup
+    rep = json.loads((out / "report" / "report.json").read_text())
+    man = {s: _manifest(out, s) for s in CHAIN}
+    final = man["decontaminate"]
+    removed = Counter(r["dup_kind"] for r in final if r["status"] == "ok" and not r["keep"])
+    assert {"exact_bytes", "exact_pixels", "near", "copy", "contaminated"} <= set(removed), removed
+    assert rep["dup_kinds"] == {"from": "decontaminate", **removed}
+    copy_only = next(r for r in final if Path(r["path"]).name == COPY_ONLY)
+    assert copy_only["dup_kind"] == "copy" and Path(next(r["path"] for r in final if r["id"] == copy_only[
+        "dup_of"])).name == "page.png"
+    stages = {s["stage"]: s for s in rep["stages"]}
+    prev = None
+    for name in CHAIN:
+        rows = man[name]
+        ok = [r["status"] == "ok" for r in rows]
+        kept = [o and r.get("keep", True) for o, r in zip(ok, rows)]
+        new_rejects = Counter(r["reject_reason"] for k, r in enumerate(rows)
+                              if not ok[k] and (prev is None or prev[0][k]))
+        new_removed = Counter(r["dup_kind"] for k, r in enumerate(rows)
+                              if prev and prev[1][k] and not kept[k] and ok[k])
+        assert stages[name]["outputs"] == sum(kept), name
+        assert stages[name]["inputs"] == (len(rows) if prev is None else sum(prev[1])), name
+        assert stages[name]["rejects"] == dict(new_rejects) == rep["rejects"].get(name, {}), name
+        assert stages[name]["removed"] == dict(new_removed) == rep["removed"].get(name, {}), name
+        prev = (ok, kept)
+    # Rejects are counted once, at the stage that made them: ingest (unsafe tar members), decode (the rest).
+    assert set(rep["rejects"]["ingest"]) == {"tar_path_traversal", "tar_absolute_path"}
+    assert set(rep["rejects"]["decode"]) == {"truncated", "empty_file", "too_small"}
+    every = Counter(r["reject_reason"] for r in final if r["status"] != "ok")
+    assert sum((Counter(rep["rejects"][s]) for s in ("ingest", "decode")), Counter()) == every
+    assert not any(rep["rejects"].get(s) for s in CHAIN[2:])
+    # Decontamination: removed at that stage vs touched rows already removed earlier.
+    decon = {}
+    for r in final:
+        if r["contaminated_by"]:
+            entry = decon.setdefault(r["contaminated_by"], {"removed_here": 0, "already_removed": 0})
+            entry["removed_here" if r["dup_kind"] == "contaminated" else "already_removed"] += 1
+    assert rep["decontamination"] == decon and decon["eval"]["removed_here"] >= 1
+    assert rep["decontamination"]["eval"]["removed_here"] == stages["decontaminate"]["counts"]["removed"][
+        "contaminated"]
+    comp = Counter(r["copy_component"] for r in man["copy_dedup"] if r["copy_component"] >= 0)
+    assert rep["copy_components"] == {str(k): v for k, v in sorted(Counter(comp.values()).items())}
+    # Groups to audit, both levels: every shown member is within the threshold of the image it was removed for.
+    groups = rep["audit_groups"]
+    near_rows, copy_rows = man["near_dedup"], man["copy_dedup"]
+    row_of = {r["id"]: k for k, r in enumerate(near_rows)}
+    for g in groups["near_dedup"]["largest"] + groups["near_dedup"]["loosest"]:
+        for row, kind, dist in g["members"]:
+            target = near_rows[row_of[near_rows[row]["dup_of"]]]
+            bits = int(np.unpackbits(np.array([near_rows[row]["phash"] ^ target["phash"]], np.uint64).view(
+                np.uint8)).sum())
+            assert near_rows[row]["dup_group"] == g["kept"]
+            assert (dist == bits and bits <= 8) if kind == "near" else dist == 0  # exact copies are not hashed
+    loosest_bits = [g["loosest"] for g in groups["near_dedup"]["loosest"]]
+    assert loosest_bits == sorted(loosest_bits, reverse=True) and loosest_bits[0] > 0
+    sizes = [g["size"] for g in groups["near_dedup"]["largest"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 7  # a planted base: 8 files, 1 kept
+    copy_groups = groups["copy_dedup"]["largest"]
+    assert any(row == row_of[copy_only["id"]] for g in copy_groups for row, _, _ in g["members"])
+    for g in copy_groups:
+        for row, kind, sim in g["members"]:
+            assert kind == "copy" and sim > 0.9 and copy_rows[row]["dup_group"] == g["kept"]
+    assert rep["audit_bands"] == {"copy_dedup": [0.85, 0.9, 0.95], "decontaminate": [0.85, 0.9, 0.95]}
+    page = (out / "report" / "report.html").read_text()
+    assert "0.850 &lt; cos &lt;= 0.950 around the threshold 0.900" in page
+    assert "already removed by an earlier stage" in page

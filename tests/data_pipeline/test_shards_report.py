@@ -300,6 +300,7 @@ def _add_copy_and_decontamination(out: Path) -> None:
     _commit(out / "copy_dedup", ["manifest.parquet", "audit.parquet"], {"inputs": 10, "outputs": 9})
     kind[7], keep[7] = "contaminated", False
     m = m.set_column(m.schema.get_field_index("dup_kind"), "dup_kind", pa.array(kind, pa.string()))
+    m = m.set_column(m.schema.get_field_index("keep"), "keep", pa.array(keep))
     m = m.append_column("contaminated_by", pa.array([("val&x" if r == 7 else None) for r in range(n)], pa.string()))
     (out / "decontaminate").mkdir()
     artifacts.write_parquet_atomic(out / "decontaminate" / "manifest.parquet", m)
@@ -319,7 +320,8 @@ def test_report_html_and_json(upstream):
                             "shards"]
     assert stages["shards"]["outputs"] == 8 and stages["ingest"]["inputs"] == 15
     assert rep["dup_kinds"] == {"from": "decontaminate", "contaminated": 1, "copy": 1, "exact_bytes": 1, "near": 2}
-    assert rep["copy_components"] == {"1": 8, "2": 1} and rep["decontamination"] == {"val&x": 1}
+    assert rep["copy_components"] == {"1": 8, "2": 1}
+    assert rep["decontamination"] == {"val&x": {"removed_here": 1, "already_removed": 0}}
     assert "val&amp;x" in page and "cos 0.610" in page and "copy: 0000000000000006" in page
     assert rep["cluster_sizes"]["clusters"] == 4 and rep["cluster_sizes"]["empty"] == 1
     assert rep["retrieval"]["pets<b>"]["sample"]["images"] + rep["retrieval"]["pets<b>"]["cluster"]["images"] == 10

@@ -6,10 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from demo.crawl import CLUSTER_SEED_PHOTOS, SAMPLE_SEED_PHOTOS, TRANSFORMS, build_crawl
+from demo.crawl import CLUSTER_SEED_PHOTOS, N_CAPTIONED, N_FLAGS, SAMPLE_SEED_PHOTOS, TRANSFORMS, build_crawl
+from demo.dedup_eval import quality
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,8 @@ def test_truth_matches_files(crawl):
         else:
             assert r.duplicate_of == ""
     assert sum(r.transform == "distractor" for r in records) == 6
-    assert sum(r.transform == "view" for r in records) == 4 * len({r.photo for r in records if r.photo})
+    photo_views = [r for r in records if r.transform == "view" and r.family == "photo"]
+    assert len(photo_views) == 4 * len({r.photo for r in records if r.photo})
 
 
 def test_byte_copies_are_identical_and_others_differ(crawl):
@@ -71,3 +74,28 @@ def test_deterministic_and_idempotent(crawl, tmp_path):
     mtime = (tmp_path / "truth.json").stat().st_mtime_ns
     assert build_crawl(tmp_path, views_per_photo=4, n_distractors=6, seed=3) == records
     assert (tmp_path / "truth.json").stat().st_mtime_ns == mtime
+
+
+def test_templated_families_are_distinct_pictures(crawl):
+    root, records = crawl
+    originals = [r for r in records if r.transform == "view" and r.family != "photo"]
+    count = {f: sum(r.family == f for r in originals) for f in ("card", "flag", "recolour", "caption")}
+    assert count["card"] == 52 and count["flag"] == N_FLAGS and count["caption"] == N_CAPTIONED
+    assert len({r.view for r in originals}) == len(originals)  # one picture per original
+    pixels = set()
+    for r in originals:
+        with Image.open(root / "crawl" / r.file) as im:
+            pixels.add(hashlib.sha256(np.asarray(im.convert("RGB")).tobytes()).hexdigest())
+    assert len(pixels) == len(originals)  # same template, different pictures
+    copies = [r for r in records if r.family == "card" and r.transform != "view"]
+    assert copies and all(r.transform in TRANSFORMS and r.transform != "flip" for r in copies)
+
+
+def test_quality_counts_removals_against_the_kept_image():
+    # a, b, c show one picture (2 true duplicates); d another. Removing b for a is right, d for a is wrong.
+    group = {"a": "p", "b": "p", "c": "p", "d": "q"}
+    names = ["a", "b", "c", "d"]
+    ok = np.ones(4, dtype=bool)
+    precision, recall, removed = quality(group, names, np.array([0, 0, 2, 0]), ok)
+    assert (precision, recall, removed) == (0.5, 0.5, 2)
+    assert quality(group, names, np.arange(4), ok) == (1.0, 0.0, 0)
