@@ -14,6 +14,8 @@ from data_pipeline.dedup import copy_dedup, decontaminate, exact, near_dedup, ph
 from data_pipeline.embed import embed
 from data_pipeline.ingest import decode, ingest
 from data_pipeline.output import report, shards
+from dinov2.io.errors import describe_os_error
+from dinov2.io.lock import DirectoryLock, DirectoryLockedError
 
 # The pipeline is this list, in data-flow order: each stage reads the artifacts of stages to its left.
 STAGES: list[Stage] = [
@@ -57,18 +59,18 @@ def curate(cfg: CurateConfig, output_dir: str | Path, stages: list[str] | None =
     # the hours of the stages before it.
     check_paths(cfg, [s.name for s in selected])
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = config_to_yaml(cfg)
-    cfg_path = out / "config.yaml"
-    if not cfg_path.is_file() or cfg_path.read_text() != text:
-        artifacts.write_bytes_atomic(cfg_path, text.encode())
-    ctx = StageContext(cfg, out)
-    results = []
-    for stage in selected:
-        result = run_stage(stage, ctx)
-        results.append(result)
-        if result.failed_shards:
-            break
+    with DirectoryLock(out, "curation run"):  # a second run on the same folder refuses, naming this one
+        text = config_to_yaml(cfg)
+        cfg_path = out / "config.yaml"
+        if not cfg_path.is_file() or cfg_path.read_text() != text:
+            artifacts.write_bytes_atomic(cfg_path, text.encode())
+        ctx = StageContext(cfg, out)
+        results = []
+        for stage in selected:
+            result = run_stage(stage, ctx)
+            results.append(result)
+            if result.failed_shards:
+                break
     return results
 
 
@@ -99,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [s for s in args.stages.split(",") if s]
         select_stages(names)
         results = curate(cfg, args.output_dir, names)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, DirectoryLockedError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output folder is a file, read-only or full
+        print(f"error: {describe_os_error(exc, args.output_dir)}", file=sys.stderr)
+        return 1
     print(format_summary(results))
     failed = [(r.name, r.failed_shards) for r in results if r.failed_shards]
     if failed:

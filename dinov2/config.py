@@ -10,7 +10,7 @@ curation CLI). An unknown key or a value of the wrong type is a one-line :class:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,17 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 def _check_range(key: str, pair: list[float], low: float = 0.0, high: float = 1.0) -> None:
     if len(pair) != 2 or not (low <= pair[0] <= pair[1] <= high):
         raise ConfigError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {list(pair)}")
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """Every float (and list of floats) under ``section`` is finite; ConfigError naming the first key that is not."""
+    for item in fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if is_dataclass(value):
+            _check_finite(value, key + ".")
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
 
 
 # --- compute_precision: kept at the official depth so official files load; read by the FSDP strategy -------------
@@ -135,7 +146,9 @@ class TrainSection:
     centering: str = "centering"
     # --- ours ---
     device: str = "auto"  # auto | cpu | cuda
-    autocast_dtype: str = "bf16"  # bf16 | fp16 | fp32: torch.autocast dtype on CPU and on CUDA
+    # auto | bf16 | fp16 | fp32: torch.autocast dtype; auto is bf16 on CUDA and on CPUs with native bf16 matmul (AMX,
+    # AVX512-BF16; measured once per process), else fp32 (emulated bf16 is ~30x slower); the choice is logged
+    autocast_dtype: str = "auto"
     checkpoint_period: int = 3750  # iterations between periodic checkpoints (official: 3 epochs)
     max_to_keep: int = 3  # periodic checkpoints retained (the newest valid one is never deleted)
     log_period: int = 10  # iterations between metric lines
@@ -162,7 +175,7 @@ class TrainSection:
         _check_positive("train.OFFICIAL_EPOCH_LENGTH", self.OFFICIAL_EPOCH_LENGTH)
         _check_choice("train.centering", self.centering, ("centering", "sinkhorn_knopp"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("train.autocast_dtype", self.autocast_dtype, DTYPES)
+        _check_choice("train.autocast_dtype", self.autocast_dtype, ("auto", *DTYPES))
         _check_positive("train.checkpoint_period", self.checkpoint_period)
         _check_positive("train.max_to_keep", self.max_to_keep)
         _check_positive("train.log_period", self.log_period)
@@ -173,6 +186,9 @@ class TrainSection:
             raise ConfigError(f"train.loss_spike_window: must be >= 4, got {self.loss_spike_window}")
         _check_choice("train.strategy", self.strategy, PARALLEL_STRATEGIES)
         _check_choice("train.init_heads", self.init_heads, ("checkpoint", "fresh"))
+        if self.max_iter == 0 or self.max_iter < -1:
+            raise ConfigError(f"train.max_iter: must be >= 1, or -1 for optim.epochs x OFFICIAL_EPOCH_LENGTH; got "
+                              f"{self.max_iter}")
         _check_positive("train.head_warmup_iters", self.head_warmup_iters, allow_zero=True)
 
 
@@ -282,6 +298,9 @@ class EvaluationConfig:
     knn_train_dataset: str = ""
     knn_val_dataset: str = ""
 
+    def validate(self) -> None:
+        _check_positive("evaluation.eval_period_iterations", self.eval_period_iterations)
+
 
 @dataclass
 class TrainConfig:
@@ -300,12 +319,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_finite(self)  # first: a NaN passes every range check (all comparisons with it are False)
         self.compute_precision.validate()
         self.train.validate()
         self.student.validate()
         self.teacher.validate()
         self.optim.validate()
         self.crops.validate()
+        self.evaluation.validate()
         if self.dino.loss_weight <= 0 and self.ibot.loss_weight <= 0:
             raise ConfigError("dino.loss_weight: DINO and iBOT are both disabled; nothing would be trained")
         _check_range("ibot.mask_ratio_min_max", self.ibot.mask_ratio_min_max)

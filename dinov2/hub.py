@@ -1,19 +1,22 @@
 """The eight official torch.hub backbone entry points (``dinov2_vit{s,b,l,g}14[_reg]``), offline-only.
 
-Constructor values are those of the official ``_make_dinov2_model`` (``dinov2/hub/backbones.py``). ``weights`` is a
-local path in any layout :mod:`dinov2.weights` reads; nothing is ever downloaded.
+Constructor values are those of the official ``_make_dinov2_model`` (the official ``dinov2/hub/backbones.py``).
+``weights`` is a local path in any layout :mod:`dinov2.weights` reads; nothing is ever downloaded. As in the official
+signature ``pretrained`` defaults to True, which here needs ``weights=PATH``: a random-init backbone is returned only
+when asked for with ``pretrained=False``, never silently.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch import nn
 
-from dinov2.weights.arch import infer_spec
 from dinov2.weights.load import load_into, load_state
 
 _ARCH_SHORT = {"vit_small": "s", "vit_base": "b", "vit_large": "l", "vit_giant2": "g"}
+_OFFICIAL_WEIGHT_NAMES = ("LVD142M", "Weights.LVD142M")  # the official ``weights`` enum, as a value or a string
 
 
 def _hub_kwargs(arch: str, registers: bool) -> dict:
@@ -30,36 +33,47 @@ def _hub_kwargs(arch: str, registers: bool) -> dict:
     }
 
 
-def make_hub_backbone(arch: str, registers: bool, weights: str | Path | None = None, **kwargs) -> nn.Module:
-    """Build an official hub backbone and optionally load local weights strictly.
+def make_hub_backbone(
+    arch: str, registers: bool, weights: str | Path | None = None, pretrained: bool = True, **kwargs
+) -> nn.Module:
+    """Build an official hub backbone and load local weights strictly, or return it at random init when asked.
 
     Args:
         arch: "vit_small", "vit_base", "vit_large" or "vit_giant2".
         registers: the ``*_reg`` variant (4 register tokens, antialiased offset-free interpolation).
-        weights: local checkpoint in any supported layout (hub, training, timm, HF); None keeps random init.
+        weights: local checkpoint in any supported layout (hub, training, timm, HF).
+        pretrained: as the official entry points (default True): load ``weights``; False: random init, only without
+            ``weights``.
         **kwargs: constructor overrides. Without an explicit ``img_size``, the model takes the checkpoint's pos-embed
             grid (518 px for hub files), so nothing is resized silently. ``which="student"`` picks the student of a
-            training checkpoint. ``pretrained=True`` without ``weights`` is an error (no downloads).
+            training checkpoint.
 
     Returns:
         The backbone, in eval mode when weights were loaded.
 
     Raises:
-        ValueError: for a URL, ``pretrained=True`` without a path, or weights that do not match the model.
+        ValueError: for a URL or the official weight name, ``pretrained=True`` without ``weights``,
+            ``pretrained=False`` with ``weights``, or weights that do not match the model.
     """
     from dinov2.models.registry import build_backbone
 
+    name = f"dinov2_vit{_ARCH_SHORT[arch]}14" + ("_reg" if registers else "")
     which = kwargs.pop("which", "teacher")
-    if kwargs.pop("pretrained", False) and weights is None:
-        name = f"dinov2_vit{_ARCH_SHORT[arch]}14" + ("_reg" if registers else "")
+    if weights is not None and str(weights) in _OFFICIAL_WEIGHT_NAMES:
+        raise ValueError(f"{name}: weights={weights} names the official download, and pretrained weights are never "
+                         "downloaded; download the checkpoint first and pass weights=PATH")
+    if pretrained and weights is None:
         raise ValueError(
-            f"{name}: pretrained weights are never downloaded; download the checkpoint first and pass weights=PATH"
+            f"{name}: pretrained weights are never downloaded; download the checkpoint first and pass weights=PATH "
+            "(any supported layout), or pass pretrained=False for a randomly initialised backbone"
         )
+    if not pretrained and weights is not None:
+        raise ValueError(f"{name}: pretrained=False asks for random init, but weights={weights} was given; drop one")
     state = load_state(weights, which=which) if weights is not None else None
     config = {**_hub_kwargs(arch, registers), **kwargs}
-    if state is not None and "img_size" not in kwargs:
-        spec = infer_spec(state)
-        config["img_size"] = spec.img_size if spec.patch_size == config["patch_size"] else config["img_size"]
+    if state is not None and "img_size" not in kwargs and "pos_embed" in state:
+        side = math.isqrt(state["pos_embed"].shape[1] - 1)  # the checkpoint's own grid; nothing resized silently
+        config["img_size"] = side * config["patch_size"]
     model = build_backbone(arch, **config)
     if state is not None:
         load_into(model, state)
@@ -67,44 +81,44 @@ def make_hub_backbone(arch: str, registers: bool, weights: str | Path | None = N
     return model
 
 
-def dinov2_vits14(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vits14(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-S/14 (D=384, 12 blocks), hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_small", False, weights, **kwargs)
+    return make_hub_backbone("vit_small", False, weights, pretrained, **kwargs)
 
 
-def dinov2_vitb14(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitb14(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-B/14 (D=768, 12 blocks), hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_base", False, weights, **kwargs)
+    return make_hub_backbone("vit_base", False, weights, pretrained, **kwargs)
 
 
-def dinov2_vitl14(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitl14(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-L/14 (D=1024, 24 blocks), hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_large", False, weights, **kwargs)
+    return make_hub_backbone("vit_large", False, weights, pretrained, **kwargs)
 
 
-def dinov2_vitg14(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitg14(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-g/14 (D=1536, 40 blocks, SwiGLU), hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_giant2", False, weights, **kwargs)
+    return make_hub_backbone("vit_giant2", False, weights, pretrained, **kwargs)
 
 
-def dinov2_vits14_reg(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vits14_reg(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-S/14 with 4 registers, hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_small", True, weights, **kwargs)
+    return make_hub_backbone("vit_small", True, weights, pretrained, **kwargs)
 
 
-def dinov2_vitb14_reg(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitb14_reg(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-B/14 with 4 registers, hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_base", True, weights, **kwargs)
+    return make_hub_backbone("vit_base", True, weights, pretrained, **kwargs)
 
 
-def dinov2_vitl14_reg(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitl14_reg(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-L/14 with 4 registers, hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_large", True, weights, **kwargs)
+    return make_hub_backbone("vit_large", True, weights, pretrained, **kwargs)
 
 
-def dinov2_vitg14_reg(weights: str | Path | None = None, **kwargs) -> nn.Module:
+def dinov2_vitg14_reg(weights: str | Path | None = None, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """ViT-g/14 with 4 registers (SwiGLU), hub configuration; see :func:`make_hub_backbone`."""
-    return make_hub_backbone("vit_giant2", True, weights, **kwargs)
+    return make_hub_backbone("vit_giant2", True, weights, pretrained, **kwargs)
 
 
 __all__ = [

@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
     kinds = [k.strip() for k in args.features.split(",") if k.strip()]
-    model = load_backbone(args.weights).to(pick_device(args.device))
+    model = load_backbone(args.weights, num_heads=args.num_heads).to(pick_device(args.device))
     summary = extract_to_dir(
         model, open_images(args.data), args.output_dir, kinds, args.layers, args.format, args.dtype, args.image_size,
         args.batch_size, args.num_workers,

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    model = load_backbone(args.weights)
+    model = load_backbone(args.weights, num_heads=args.num_heads)
     results = evaluate_knn(model, args.train_dataset, args.val_dataset, args.image_size, tuple(args.nb_knn),
                            args.temperature, args.batch_size, args.num_workers)
     print(json.dumps(results, indent=2))

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    model = load_backbone(args.weights).to(pick_device(args.device))
+    model = load_backbone(args.weights, num_heads=args.num_heads).to(pick_device(args.device))
     results = run_linear_eval(
         model, args.train_dataset, args.output_dir, args.val_dataset, args.test_dataset, args.val_fraction,
         args.image_size, tuple(args.lrs), tuple(args.n_last_blocks), args.epochs, args.batch_size, args.seed,

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from dinov2.eval.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -49,9 +50,26 @@ def check_image_size(image_size: int, patch_size: int) -> None:
 
 
 def load_square(path: str | Path, image_size: int) -> Image.Image:
-    """RGB image resized (short side = ``image_size``, bicubic) and centre-cropped to ``image_size`` square."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    """RGB image resized (short side = ``image_size``, bicubic) and centre-cropped to ``image_size`` square.
+
+    Raises:
+        ValueError: naming the file, for a missing or non-regular file, a non-image, or more pixels than Pillow's
+            decompression-bomb bound (checked from the header, before anything is decoded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {'not a regular file' if path.exists() else 'no such image file'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns below twice its bound
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"{path}: refused as a decompression bomb ({str(error).split('. ')[0]})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError) as error:  # truncated or broken image data
+        raise ValueError(f"{path}: cannot decode the image ({type(error).__name__}: {error})") from None
     w, h = image.size
     scale = image_size / min(w, h)
     image = image.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
@@ -192,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from dinov2.weights import load_backbone
 
-    model = load_backbone(args.weights).to(pick_device(args.device))
+    model = load_backbone(args.weights, num_heads=args.num_heads).to(pick_device(args.device))
     paths = visualize_files(model, args.images, args.output_dir, args.image_size, args.threshold,
                             not args.no_pca_mask)
     print("\n".join(str(p) for p in paths))

@@ -9,6 +9,7 @@ deletes them).
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -64,10 +65,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+class _ErrorRecorder(io.RawIOBase):
+    """A writable file wrapper that keeps the first OSError of its ``write``: ``torch.save`` reports a full disk as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, and the errno is what the user needs."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__()
+        self.file, self.path = file, path
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            if error.filename is None:
+                error.filename = str(self.path)
+            self.error = self.error or error
+            raise
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Atomically writes whatever ``write(file)`` writes into the binary file object it is given."""
+    """Atomically writes whatever ``write(file)`` writes into the binary file object it is given.
+
+    Raises:
+        OSError: naming the file, for a full disk, a quota, a size limit... also where the writer (``torch.save``)
+            hid it behind another exception.
+    """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
+        recorder = _ErrorRecorder(f, Path(path))
+        try:
+            write(recorder)
+        except Exception as error:
+            if recorder.error is not None and recorder.error is not error:
+                raise recorder.error from error
+            raise
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from dinov2.io.yaml_config import first_line
+from dinov2.io.errors import describe_error
 
 WEIGHTS_HELP = "checkpoint or weights file (any supported layout)"
 # What a user can get wrong: bad values and files that are missing, unreadable or malformed. Anything else is a bug,
@@ -24,9 +24,11 @@ def tool_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True, weights_help: str = WEIGHTS_HELP) -> None:
-    """``--weights`` (required) and, with ``device``, ``--device``."""
+    """``--weights`` (required), ``--num-heads`` and, with ``device``, ``--device``."""
     group = parser.add_argument_group("model")
     group.add_argument("--weights", required=True, help=weights_help)
+    group.add_argument("--num-heads", type=int, default=None,
+                       help="attention heads, for weights without an architecture record of a non-official width")
     if device:
         group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
@@ -53,6 +55,6 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
     try:
         run(args)
     except USER_ERRORS as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dinov2.config import ConfigError, TrainConfig, load_config, save_config
-from dinov2.distributed.env import DistEnv, init_distributed
+from dinov2.distributed.env import DistEnv, all_reduce_min, init_distributed
+from dinov2.io.errors import describe_os_error
+from dinov2.io.lock import DirectoryLock, DirectoryLockedError
 from dinov2.run.preemption import PreemptionHandler
 from dinov2.train.metrics import setup_logging
 from dinov2.train.train import train
@@ -59,17 +61,53 @@ def run_training(request: TrainRequest) -> int:
         return 2
     output_dir = Path(cfg.train.output_dir)
     env = init_distributed(DistEnv.from_environment())
-    setup_logging(output_dir, env.is_main, env.rank)
-    if env.is_main:
-        save_config(cfg, output_dir / "config.yaml")
-    preemption = PreemptionHandler()
-    preemption.install()
+    lock = take_output_dir(output_dir, env)
+    if lock is None:
+        return 2
     try:
+        return _train_locked(cfg, request, output_dir, env)
+    finally:
+        if isinstance(lock, DirectoryLock):
+            lock.release()
+
+
+def take_output_dir(output_dir: Path, env: DistEnv) -> DirectoryLock | bool | None:
+    """Rank 0 locks the output directory for the run; every rank learns whether it may go on.
+
+    Returns:
+        The lock on rank 0, True on the other ranks, None on every rank when the directory is taken (rank 0 prints
+        the holder in one line). A requeued SLURM job re-takes its own lock: the kill freed it.
+    """
+    lock: DirectoryLock | None = None
+    if env.is_main:
+        try:
+            lock = DirectoryLock(output_dir, "training run").acquire()
+        except DirectoryLockedError as error:
+            print(f"error: {error}", file=sys.stderr)
+        except OSError as error:  # a file in the way, a read-only or full disk
+            print(f"error: output directory {output_dir}: {describe_os_error(error)}", file=sys.stderr)
+    if all_reduce_min(env.is_main is False or lock is not None, env) < 1:
+        return None  # the others leave too, instead of waiting forever in the first collective
+    return lock if env.is_main else True
+
+
+def _train_locked(cfg: TrainConfig, request: TrainRequest, output_dir: Path, env: DistEnv) -> int:
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a printed traceback
+    try:
+        setup_logging(output_dir, env.is_main, env.rank)
+        if env.is_main:
+            save_config(cfg, output_dir / "config.yaml")
+        preemption = PreemptionHandler()
+        preemption.install()
         summary = train(cfg, env, resume=request.resume, preemption=preemption)
     except (ConfigError, ValueError) as error:
         logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk or quota mid-run; the newest committed checkpoint is intact
+        logger.error("%s", describe_os_error(error))
+        print(f"error: {describe_os_error(error)}; the run can resume from its last checkpoint", file=sys.stderr)
+        return 1
     logger.info("finished at iteration %d; skipped steps %d; images skipped %s", summary["iteration"],
                 summary["skipped_steps"], summary["images_skipped"])
     return 0

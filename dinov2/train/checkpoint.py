@@ -103,7 +103,8 @@ def save_checkpoint(output_dir: str | Path, iteration: int, state: dict[str, Any
         return final_dir
     final_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(final_dir / STATE_FILE, lambda f: torch.save(state, f))
-    write_bytes_atomic(final_dir / COMMIT_MARKER, b"ok\n")
+    size = (final_dir / STATE_FILE).stat().st_size  # checked on load: a truncated file is found before unpickling
+    write_bytes_atomic(final_dir / COMMIT_MARKER, f"ok\nstate_bytes={size}\n".encode())
     logger.info("saved checkpoint %s", final_dir)
     apply_retention(output_dir, max_to_keep)
     return final_dir
@@ -136,6 +137,34 @@ def apply_retention(output_dir: str | Path, max_to_keep: int) -> None:
         # An uncommitted directory newer than the newest valid one may be a save in progress on another rank.
         if committed or int(match.group(1)) < newest:
             shutil.rmtree(child, ignore_errors=True)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Cheap integrity check of a committed single-file checkpoint: its size against the one its marker recorded.
+
+    Raises:
+        ValueError: naming the file, when it is shorter or longer than when it was committed.
+    """
+    path = Path(path)
+    marker = (path / COMMIT_MARKER).read_text(errors="replace")
+    match = re.search(r"state_bytes=(\d+)", marker)
+    if match and (path / STATE_FILE).is_file():
+        size = (path / STATE_FILE).stat().st_size
+        if size != int(match.group(1)):
+            raise ValueError(f"{path / STATE_FILE} has {size} bytes, {match.group(1)} when committed")
+
+
+def quarantine_checkpoint(path: str | Path) -> Path:
+    """Rename an unloadable checkpoint to ``iter_<n>.corrupt[.<k>]``: kept for inspection, never loaded, listed or
+    removed by retention again, and its iteration is free to be saved anew."""
+    path = Path(path)
+    target = path.with_name(path.name + ".corrupt")
+    k = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt.{k}")
+        k += 1
+    path.rename(target)
+    return target
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

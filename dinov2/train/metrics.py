@@ -15,6 +15,8 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dinov2.io.atomic import write_atomic
+
 logger = logging.getLogger("dinov2")
 
 
@@ -76,6 +78,8 @@ class MetricLogger:
         if self.start_iter is None:
             self.start_iter = iteration
             self.start_time = time.perf_counter()
+            if self.enabled:
+                drop_records_from(self.json_path, iteration)  # a resume redoes the iterations since its checkpoint
             if self.progress:
                 self.bar = tqdm(total=self.max_iter, initial=iteration, unit="it", dynamic_ncols=True, file=sys.stderr)
                 self._redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))  # log lines above the bar
@@ -111,6 +115,27 @@ class MetricLogger:
             self.bar.close()
             self.bar = None
         self._redirect.close()
+
+
+def drop_records_from(path: Path, first_iteration: int) -> int:
+    """Rewrite the JSON-lines file at ``path`` without records of ``first_iteration`` or later (atomically: a kill
+    leaves the old or the new file). A torn last line (a kill mid-write) goes too. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["iteration"]) < first_iteration
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    return dropped
 
 
 def setup_logging(output_dir: Path, is_main: bool, rank: int) -> None:

@@ -36,12 +36,12 @@ from dinov2.train.checkpoint import (
 from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
 from dinov2.train.metrics import MetricLogger, count_forward_flops
 from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups
+from dinov2.train.precision import resolve_autocast_dtype
 from dinov2.train.schedules import build_schedules
-from dinov2.train.state import restore_training_state, save_training_state
+from dinov2.train.state import restore_newest_loadable, save_training_state
+from dinov2.weights.arch import BackboneSpec, spec_of_module
 
 logger = logging.getLogger("dinov2")
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StopRequest(Protocol):
@@ -136,16 +136,18 @@ def gather_teacher_state(model: StudentTeacher, sharded: bool) -> dict[str, torc
     return get_model_state_dict(model.teacher, options=options)
 
 
-def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, iteration: int) -> Path:
+def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, iteration: int,
+                   spec: BackboneSpec) -> Path:
     """``eval/training_<it>/``: ``teacher_checkpoint.pth`` in the official layout, plus the backbone in the hub
-    layout as ``teacher_backbone_hub.pth`` and ``teacher_backbone_hub.safetensors``."""
+    layout as ``teacher_backbone_hub.pth`` and ``teacher_backbone_hub.safetensors``; each records ``spec``."""
     from dinov2.weights import export_backbone
 
     folder = output_dir / "eval" / f"training_{iteration}"
-    write_atomic(folder / "teacher_checkpoint.pth", lambda f: torch.save({"teacher": teacher_state}, f))
+    record = {"teacher": teacher_state, "backbone_spec": spec.to_record()}
+    write_atomic(folder / "teacher_checkpoint.pth", lambda f: torch.save(record, f))
     backbone = {k.removeprefix("backbone."): v for k, v in teacher_state.items() if k.startswith("backbone.")}
-    export_backbone(backbone, folder / "teacher_backbone_hub.pth", layout="hub")
-    export_backbone(backbone, folder / "teacher_backbone_hub.safetensors", layout="hub")
+    export_backbone(backbone, folder / "teacher_backbone_hub.pth", layout="hub", spec=spec)
+    export_backbone(backbone, folder / "teacher_backbone_hub.safetensors", layout="hub", spec=spec)
     return folder
 
 
@@ -176,7 +178,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     device = resolve_device(cfg.train.device, env)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    autocast_dtype = AUTOCAST_DTYPES[cfg.train.autocast_dtype]
+    autocast_dtype = resolve_autocast_dtype(cfg.train.autocast_dtype, device)
     use_autocast = autocast_dtype != torch.float32
 
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
@@ -212,7 +214,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
 
     start_iter, skipped_images_total, saved_rng = 0, {}, None
     if checkpoint_dir is not None:
-        resumed = restore_training_state(checkpoint_dir, model, optimizer, scaler, env)
+        resumed = restore_newest_loadable(output_dir, model, optimizer, scaler, env)  # skips corrupt ones
         start_iter = resumed["iteration"] + 1
         skipped_images_total = dict(resumed.get("images_skipped", {}))
         saved_rng = resumed.get("rng")
@@ -342,7 +344,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         gather = export_now and (sharded or env.is_main)  # a collective under FSDP, rank 0's business otherwise
         teacher_state = gather_teacher_state(model, sharded) if gather else {}
         if env.is_main and export_now:
-            export_teacher(teacher_state, output_dir, iteration)
+            export_teacher(teacher_state, output_dir, iteration, spec_of_module(model.teacher["backbone"]))
             if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
                 backbone = knn_backbone(model, teacher_state, cfg.student, cfg.crops.global_crops_size, device, sharded)
                 knn = evaluate_knn(backbone, cfg.evaluation.knn_train_dataset, cfg.evaluation.knn_val_dataset,

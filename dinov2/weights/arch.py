@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from dinov2.weights.formats import count_blocks
+from dinov2.weights.formats import count_blocks, strip_wrappers, to_canonical, unchunk
 
 # (embed_dim, depth) → factory name in the official dinov2/models/vision_transformer.py.
 _OFFICIAL_ARCHS = {(384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large", (1536, 40): "vit_giant2"}
 _ARCH_DIMS = {name: dims for dims, name in _OFFICIAL_ARCHS.items()}
 HEAD_DIM = 64  # every official DINOv2 ViT uses 64-dim heads
+# Widths of the official archs: only there does the head count follow from the weights (D / 64); any other width
+# needs an architecture record or a user-named head count.
+OFFICIAL_WIDTHS = frozenset(dim for dim, _ in _OFFICIAL_ARCHS)
 
 
 def swiglu_hidden(embed_dim: int, mlp_ratio: float = 4.0) -> int:
@@ -24,7 +28,12 @@ def swiglu_hidden(embed_dim: int, mlp_ratio: float = 4.0) -> int:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a state dict fixes about a DinoVisionTransformer (everything except interpolation settings)."""
+    """The architecture of a DinoVisionTransformer: what its state dict fixes, plus what it does not (the head count
+    and the pos-embed interpolation settings; ``None`` there means the official hub default for the register count).
+
+    Every checkpoint and export this project writes records one (:meth:`to_record`), and every loader rebuilds the
+    model from it, so a model trained with a non-official head size reloads with the attention it was trained with.
+    """
 
     embed_dim: int
     depth: int
@@ -39,6 +48,42 @@ class BackboneSpec:
     proj_bias: bool = True
     ffn_bias: bool = True
     in_chans: int = 3
+    interpolate_offset: float | None = None
+    interpolate_antialias: bool | None = None
+
+    def to_record(self) -> dict:
+        """Plain-typed dict of every field (what checkpoints, safetensors metadata and sidecar files hold)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping, source: str = "architecture record") -> BackboneSpec:
+        """Inverse of :meth:`to_record`.
+
+        Raises:
+            ValueError: one line naming ``source`` and the field, for an unknown, missing or mistyped field.
+        """
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{source}: expected a mapping of architecture fields, got {type(record).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(record) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown architecture field(s) {unknown}")
+        values = {}
+        for name, f in known.items():
+            if name not in record:
+                if f.default is MISSING:
+                    raise ValueError(f"{source}: architecture field {name!r} is missing")
+                continue
+            values[name] = _checked_field(name, record[name], str(f.type), source)
+        spec = cls(**values)
+        if min(spec.embed_dim, spec.num_heads, spec.depth, spec.patch_size, spec.img_size) < 1:
+            raise ValueError(f"{source}: embed_dim, num_heads, depth, patch_size and img_size must be >= 1")
+        if spec.embed_dim % spec.num_heads:
+            raise ValueError(f"{source}: embed_dim {spec.embed_dim} is not divisible by num_heads {spec.num_heads}")
+        return spec
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_record(), sort_keys=True)
 
     @property
     def grid(self) -> int:
@@ -54,11 +99,12 @@ class BackboneSpec:
         """Official hub constructor values (``_make_dinov2_model`` in dinov2/hub/backbones.py): LayerScale 1.0, flat
         blocks, and the interpolation mode of register (offset 0, antialias) vs non-register (offset 0.1) models."""
         registers = self.num_register_tokens > 0
+        offset, antialias = self.interpolate_offset, self.interpolate_antialias
         return {
             "init_values": 1.0 if self.layerscale else None,
             "block_chunks": 0,
-            "interpolate_antialias": registers,
-            "interpolate_offset": 0.0 if registers else 0.1,
+            "interpolate_antialias": registers if antialias is None else antialias,
+            "interpolate_offset": (0.0 if registers else 0.1) if offset is None else offset,
         }
 
     def model_kwargs(self) -> dict:
@@ -77,9 +123,44 @@ class BackboneSpec:
             kwargs["in_chans"] = self.in_chans
         if self.mlp_ratio != 4.0:
             kwargs["mlp_ratio"] = self.mlp_ratio
-        if self.arch == "vit_custom":
+        if self.arch == "vit_custom" or self.num_heads != self.embed_dim // HEAD_DIM:
+            # an official width with another head count is built as vit_custom too (see ``build_from_spec``)
             kwargs.update(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
         return kwargs
+
+
+def _checked_field(name: str, value, annotation: str, source: str):
+    """``value`` converted to the field's type; JSON gives ints for floats and nothing else may slip through."""
+    if value is None and "None" in annotation:
+        return None
+    if annotation.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif annotation.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif annotation.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{source}: architecture field {name!r} has a bad value {value!r} (expected {annotation})")
+    return value
+
+
+def official_num_heads(embed_dim: int) -> int:
+    """Heads of an official-width backbone (D / 64).
+
+    Raises:
+        ValueError: for any other width, where the weights alone cannot tell the head count.
+    """
+    if embed_dim not in OFFICIAL_WIDTHS:
+        raise ValueError(
+            f"cannot tell the attention head count of a {embed_dim}-wide backbone from its weights alone (no "
+            f"architecture record, and {embed_dim} is not an official width {sorted(OFFICIAL_WIDTHS)}); name it "
+            "with --num-heads N (num_heads=N in Python), or re-export the file with "
+            "`python -m dinov2.weights.export --num-heads N` to record it"
+        )
+    return embed_dim // HEAD_DIM
 
 
 def infer_spec(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> BackboneSpec:
@@ -87,10 +168,11 @@ def infer_spec(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
 
     Args:
         state: canonical backbone state dict (tensors or meta tensors; only shapes are read).
-        num_heads: heads when known from elsewhere (an HF config.json); default embed_dim // 64 (official).
+        num_heads: heads when known from elsewhere (an architecture record, an HF config.json, the user); default
+            embed_dim // 64 for the official widths (384, 768, 1024, 1536), an error for any other width.
 
     Raises:
-        ValueError: if required keys are missing or the pos-embed grid is not square.
+        ValueError: if required keys are missing, the pos-embed grid is not square, or the head count is unknown.
     """
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight"):
         if key not in state:
@@ -112,10 +194,14 @@ def infer_spec(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
         ffn, ratio = "mlp", state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     else:
         ffn, ratio = "identity", 4.0
+    if num_heads is None:
+        num_heads = official_num_heads(dim)
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide the embedding width {dim}")
     return BackboneSpec(
         embed_dim=dim,
         depth=count_blocks(state),
-        num_heads=num_heads or max(dim // HEAD_DIM, 1),
+        num_heads=num_heads,
         patch_size=proj.shape[-1],
         img_size=grid * proj.shape[-1],
         num_register_tokens=state["register_tokens"].shape[1] if "register_tokens" in state else 0,
@@ -126,6 +212,27 @@ def infer_spec(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
         proj_bias="blocks.0.attn.proj.bias" in state,
         ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in state) or ffn == "identity",
         in_chans=proj.shape[1],
+    )
+
+
+def shape_fields_differ(recorded: BackboneSpec, inferred: BackboneSpec) -> list[str]:
+    """Fields the weights fix on which a record and the weights' own shapes disagree (as ``name record/weights``)."""
+    skip = {"num_heads", "interpolate_offset", "interpolate_antialias"}
+    return [
+        f"{f.name} {getattr(recorded, f.name)}/{getattr(inferred, f.name)}"
+        for f in fields(BackboneSpec)
+        if f.name not in skip and getattr(recorded, f.name) != getattr(inferred, f.name)
+    ]
+
+
+def spec_of_module(backbone: nn.Module) -> BackboneSpec:
+    """The full architecture of a live backbone (any block_chunks, wrapped or sharded: only shapes are read)."""
+    shapes = dict(backbone.named_parameters())
+    spec = infer_spec(to_canonical(unchunk(strip_wrappers(shapes))), num_heads=int(backbone.num_heads))
+    return replace(
+        spec,
+        interpolate_offset=float(backbone.interpolate_offset),
+        interpolate_antialias=bool(backbone.interpolate_antialias),
     )
 
 
@@ -171,4 +278,5 @@ def build_from_spec(spec: BackboneSpec, **overrides) -> nn.Module:
     from dinov2.models.registry import build_backbone  # the model package is optional for pure conversions
 
     kwargs = {**spec.model_kwargs(), **overrides}
-    return build_backbone(spec.arch, **kwargs)
+    arch = spec.arch if "num_heads" not in kwargs else "vit_custom"
+    return build_backbone(arch, **kwargs)

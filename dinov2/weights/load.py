@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.weights.arch import BackboneSpec, build_from_spec, infer_spec
+from dinov2.weights.arch import BackboneSpec, build_from_spec, infer_spec, shape_fields_differ
 from dinov2.weights.formats import StateDict, _short_list, strip_wrappers, to_canonical, unchunk_key
 
 logger = logging.getLogger("dinov2")
@@ -24,6 +24,11 @@ _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 # Containers around a state dict, tried in this order after the requested teacher/student entry.
 _CONTAINER_KEYS = ("model", "state_dict", "teacher", "student", "module")
+# Where the architecture is recorded: a key of our checkpoint dicts, the safetensors header / HF config.json key, and
+# a JSON file next to a ``.pth`` export (whose tensors-only dict official loaders read strictly).
+RECORD_KEY = "backbone_spec"
+METADATA_KEY = "dinov2_backbone_spec"
+SIDECAR_SUFFIX = ".arch.json"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -47,9 +52,30 @@ def resolve_path(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise ValueError(f"directory {path} holds none of {', '.join(_HF_FILES)}")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise ValueError(f"{path} is not a regular file")
     return path
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The architecture record written next to a ``.pth`` export: ``<name>.arch.json``."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _one_line_reason(error: BaseException) -> str:
+    """A short reason from a torch/safetensors load error, without torch's advice to set ``weights_only=False``."""
+    text = str(error).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # the refused class, e.g. "Unsupported global: GLOBAL os.system"
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if "weights_only" in first or "Weights only load failed" in first:
+        return "it holds objects other than tensors and plain containers"
+    first = first.split(". This is an internal miniz error")[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
@@ -59,18 +85,28 @@ def read_weights(path: str | Path) -> dict[str, Any]:
         ValueError: if the pickle holds anything other than tensors and plain containers (code, custom classes).
     """
     path = resolve_path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a weights file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({_one_line_reason(err)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path} is not a plain weights file: torch.load(weights_only=True) refused it ({first_line}). "
+            f"{path} is not a plain weights file: torch.load(weights_only=True) refused it ({_one_line_reason(err)}). "
             "Only tensors and plain containers are accepted; re-save the state dict from trusted code"
-        ) from err
+        ) from None
+    except Exception as err:  # noqa: BLE001 -- arbitrary bytes fail anywhere in the unpickler (IndexError, KeyError...)
+        # truncated zip/legacy pickle (RuntimeError, EOFError), text or other non-pickle bytes
+        raise ValueError(
+            f"{path} is not a readable torch weights file, truncated or corrupt? ({_one_line_reason(err)})"
+        ) from None
 
 
 def extract_backbone(obj: Any, which: str = "teacher") -> StateDict:
@@ -128,18 +164,89 @@ def load_state(path_or_state: str | Path | Mapping, which: str = "teacher") -> S
     return extract_backbone(obj, which)
 
 
-def hf_num_heads(path: str | Path) -> int | None:
-    """``num_attention_heads`` from an HF config.json next to (or in) ``path``, when there is one."""
+def _hf_config(path: str | Path) -> dict:
+    """The HF config.json next to (or in) ``path`` as a dict, or {} when there is none (or it is not JSON)."""
     if _URL.match(str(path)):
-        return None
+        return {}
     path = Path(path)
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.is_file():
-        return None
+        return {}
     try:
-        return int(json.loads(config.read_text())["num_attention_heads"])
+        loaded = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def hf_num_heads(path: str | Path) -> int | None:
+    """``num_attention_heads`` from an HF config.json next to (or in) ``path``, when there is one."""
+    try:
+        return int(_hf_config(path)["num_attention_heads"])
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def read_record(source: str | Path | None, obj: Any = None) -> BackboneSpec | None:
+    """The architecture recorded with a checkpoint, or None when there is no record.
+
+    Looked for in: the loaded checkpoint dict (``backbone_spec``), the safetensors header (``dinov2_backbone_spec``),
+    a ``<file>.arch.json`` next to the file, and an HF config.json (``dinov2_backbone_spec``).
+
+    Raises:
+        ValueError: for a record that exists but is malformed.
+    """
+    if isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping):
+        return BackboneSpec.from_record(obj[RECORD_KEY], f"{source or 'checkpoint'}: {RECORD_KEY}")
+    if source is None or _URL.match(str(source)):
+        return None
+    path = resolve_path(source)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+        except Exception:  # noqa: BLE001 -- unreadable files are reported by read_weights, with a reason
+            text = None
+        if text is not None:
+            return BackboneSpec.from_record(_parse_json(text, f"{path} header"), f"{path} header")
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        return BackboneSpec.from_record(_parse_json(sidecar.read_text(errors="replace"), str(sidecar)), str(sidecar))
+    config = _hf_config(source)
+    if isinstance(config.get(METADATA_KEY), Mapping):
+        return BackboneSpec.from_record(config[METADATA_KEY], f"{path.parent / 'config.json'}: {METADATA_KEY}")
+    return None
+
+
+def _parse_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{source}: the architecture record is not valid JSON ({err})") from None
+
+
+def resolve_spec(
+    state: Mapping[str, torch.Tensor], record: BackboneSpec | None, num_heads: int | None = None, source: str = ""
+) -> BackboneSpec:
+    """The architecture to build: the record when there is one (checked against the weights), else what the weights
+    fix plus ``num_heads`` (the user's, an HF config's, or the official D/64 for an official width).
+
+    Raises:
+        ValueError: when the record disagrees with the weights or with an explicit ``num_heads``, or when the head
+            count cannot be known (no record, a non-official width and no ``num_heads``).
+    """
+    where = f"{source}: " if source else ""
+    if record is None:
+        return infer_spec(state, num_heads=num_heads)
+    if num_heads is not None and num_heads != record.num_heads:
+        raise ValueError(f"{where}the file records num_heads={record.num_heads}, but num_heads={num_heads} was given")
+    differ = shape_fields_differ(record, infer_spec(state, num_heads=record.num_heads))
+    if differ:
+        raise ValueError(f"{where}the architecture record disagrees with the weights (record/weights: "
+                         f"{', '.join(differ)})")
+    return record
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -179,7 +286,7 @@ def _diagnosis(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Ten
     """A one-clause summary of the likely cause (architecture or grid) to put before the key lists."""
     theirs = {unchunk_key(k): v for k, v in target.items()}
     try:
-        ckpt, model = infer_spec(state), infer_spec(theirs)
+        ckpt, model = infer_spec(state, num_heads=1), infer_spec(theirs, num_heads=1)  # shapes only
     except ValueError:
         return ""
     for field in ("embed_dim", "depth", "num_register_tokens", "ffn_layer", "patch_size", "layerscale"):
@@ -270,24 +377,41 @@ def load_backbone(
 ) -> nn.Module:
     """Build the backbone that a checkpoint describes and load it strictly; returned in eval mode.
 
-    The architecture (width, depth, heads = D/64, FFN, registers, patch and image size from the pos-embed grid) is
-    inferred from the weights, with the official hub defaults (LayerScale, block_chunks=0; register models offset 0.0
-    and antialias, others offset 0.1). ``overrides`` replace any constructor argument (e.g. ``block_chunks=4``).
+    The architecture is the one recorded with the file (every checkpoint and export this project writes has one; see
+    :func:`read_record`). Without a record it is read off the weights (width, depth, FFN, registers, patch and image
+    size from the pos-embed grid) with the official hub defaults (LayerScale, block_chunks=0; register models offset
+    0.0 and antialias, others offset 0.1); the head count then comes from ``num_heads``, an HF config.json, or D/64
+    for an official width. ``overrides`` replace any constructor argument (e.g. ``block_chunks=4``).
 
     Raises:
-        ValueError: on an unreadable layout, or any key/shape disagreement with the built model.
+        ValueError: on an unreadable file or layout, an unknown head count, or any key/shape disagreement.
     """
-    state = load_state(path_or_state, which)
-    if num_heads is None and isinstance(path_or_state, (str, Path)):
-        num_heads = hf_num_heads(path_or_state)
-    spec = infer_spec(state, num_heads=num_heads)
+    source = path_or_state if isinstance(path_or_state, (str, Path)) else None
+    obj = read_weights(source) if source is not None else path_or_state
+    state = extract_backbone(obj, which)
+    spec = backbone_spec(state, obj, source, num_heads)
     model = build_from_spec(spec, **overrides)
     load_into(model, state)
     return model.eval()
 
 
+def backbone_spec(
+    state: Mapping[str, torch.Tensor], obj: Any, source: str | Path | None, num_heads: int | None = None
+) -> BackboneSpec:
+    """The architecture of a loaded checkpoint: its record, else the weights plus the head count from ``num_heads``,
+    an HF config.json next to ``source``, or the official rule (see :func:`resolve_spec`)."""
+    record = read_record(source, obj)
+    if record is None and num_heads is None and source is not None:
+        num_heads = hf_num_heads(source)
+    return resolve_spec(state, record, num_heads, str(source) if source is not None else "")
+
+
 __all__ = [
     "BackboneSpec",
+    "backbone_spec",
+    "read_record",
+    "resolve_spec",
+    "sidecar_path",
     "extract_backbone",
     "hf_num_heads",
     "load_backbone",

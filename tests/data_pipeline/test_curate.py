@@ -37,7 +37,9 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")}
+    # .lock is the ownership record every run writes (its pid and start time), not an output
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")
+            if p.name != ".lock"}
 
 
 def _output_bytes(out: Path) -> dict[str, bytes]:

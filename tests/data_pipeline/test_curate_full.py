@@ -142,13 +142,14 @@ def test_trainer_trains_on_the_shards(full_setup, tmp_path, tiny_train):
 
 def test_rerun_is_a_noop_and_cli_runs_every_stage(full_setup):
     _, _, _, out, overrides, _ = full_setup
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # .lock is the ownership record every run writes (its pid and start time), not an output
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     proc = subprocess.run([sys.executable, "-m", "data_pipeline.curate", "--config", str(TINY), "--output-dir",
                            str(out), *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert all(f"{name}" in proc.stdout for name in STAGE_NAMES)
     assert proc.stdout.count("skipped") == len(STAGE_NAMES)
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
 
 

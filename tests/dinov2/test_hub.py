@@ -26,7 +26,7 @@ def test_entries_have_official_configuration(entry, registers):
     dim, depth, ffn = ENTRIES[entry]
     name = entry + ("_reg" if registers else "")
     with torch.device("meta"):
-        model = getattr(hub, name)()
+        model = getattr(hub, name)(pretrained=False)
     spec = BackboneSpec(dim, depth, dim // 64, 14, 518, num_register_tokens=4 if registers else 0, ffn_layer=ffn)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_shapes(spec)
     assert list(model.state_dict()) == list(official_shapes(spec))  # block_chunks=0 naming and official order
@@ -37,7 +37,7 @@ def test_entries_have_official_configuration(entry, registers):
 
 
 def test_layerscale_init_is_one():
-    model = hub.dinov2_vits14_reg()
+    model = hub.dinov2_vits14_reg(pretrained=False)
     assert all(torch.all(block.ls1.gamma == 1.0) and torch.all(block.ls2.gamma == 1.0) for block in model.real_blocks())
     assert model.register_tokens.shape == (1, 4, 384)
 
@@ -47,6 +47,20 @@ def test_downloads_are_refused():
         hub.dinov2_vitb14(weights="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth")
     with pytest.raises(ValueError, match="never downloaded"):
         hub.dinov2_vitb14_reg(pretrained=True)
+    with pytest.raises(ValueError, match="official download"):
+        hub.dinov2_vitb14(weights="LVD142M")
+
+
+@pytest.mark.parametrize("entry", ["dinov2_vits14", "dinov2_vitg14_reg"])
+def test_no_weights_is_an_error_unless_random_init_is_asked_for(entry, tmp_path):
+    # The official entry points download pretrained weights; a silent random init would look like a working model.
+    with pytest.raises(ValueError, match="pretrained=False") as info:
+        getattr(hub, entry)()
+    assert len(str(info.value).splitlines()) == 1 and entry in str(info.value)
+    with pytest.raises(ValueError, match="drop one"):
+        getattr(hub, entry)(weights=tmp_path / "w.pth", pretrained=False)
+    with torch.device("meta"):
+        assert getattr(hub, entry)(pretrained=False).training  # explicit random init: built, not loaded
 
 
 def _small_hub_file(path: Path, img_size: int = 518, registers: int = 0) -> dict[str, torch.Tensor]:

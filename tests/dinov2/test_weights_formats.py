@@ -81,7 +81,12 @@ def test_vit_small_key_table():
 @pytest.mark.parametrize("spec", [SMALL, TINY, TINY_REG, TINY_G], ids=["small", "tiny", "tiny_reg", "tiny_g"])
 def test_infer_spec_recovers_architecture(spec):
     state = {k: torch.empty(s, device="meta") for k, s in official_shapes(spec).items()}
-    assert infer_spec(state) == spec
+    assert infer_spec(state, num_heads=spec.num_heads) == spec
+    if spec.embed_dim not in (384, 768, 1024, 1536):  # the weights alone cannot tell its head count
+        with pytest.raises(ValueError, match="num-heads"):
+            infer_spec(state)
+    else:
+        assert infer_spec(state) == spec
     kwargs = spec.model_kwargs()
     assert kwargs["init_values"] == 1.0 and kwargs["block_chunks"] == 0
     if spec.num_register_tokens:
@@ -176,7 +181,8 @@ def test_unknown_hf_key_is_named():
 @pytest.mark.parametrize("fmt", ["hub", "timm"])
 def test_export_files_round_trip(tmp_path, fmt, suffix):
     state = random_state(TINY_G)
-    path = export_backbone({"backbone." + k: v for k, v in chunk(state, 2).items()}, tmp_path / f"w{suffix}", fmt)
+    source = {"backbone." + k: v for k, v in chunk(state, 2).items()}
+    path = export_backbone(source, tmp_path / f"w{suffix}", fmt, num_heads=TINY_G.num_heads)
     loaded = read_weights(path)
     if fmt == "hub":
         assert_same(loaded, state)
@@ -189,11 +195,12 @@ def test_hf_export_writes_config(tmp_path):
     import json
 
     state = random_state(TINY_REG)
-    export_backbone(state, tmp_path / "hf", "hf")
+    export_backbone(state, tmp_path / "hf", "hf", num_heads=TINY_REG.num_heads)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "dinov2_with_registers" and config["num_register_tokens"] == 4
     assert (config["hidden_size"], config["num_hidden_layers"], config["image_size"]) == (64, 4, 56)
     assert config["layer_norm_eps"] == 1e-6 and config["use_swiglu_ffn"] is False
+    assert config["mlp_ratio"] == 4 and isinstance(config["mlp_ratio"], int)  # transformers 5 refuses 4.0
     assert_same(load_state(tmp_path / "hf"), state)
 
 
@@ -202,9 +209,12 @@ def test_cli_exports_student_and_teacher(tmp_path):
     ckpt = {"model": {**{"teacher.backbone." + k: v for k, v in teacher.items()}}}
     ckpt["model"].update({"student.backbone." + k: v for k, v in student.items()})
     torch.save(ckpt, tmp_path / "ckpt.pth")
-    assert main(["--weights", str(tmp_path / "ckpt.pth"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf_args = ["--weights", str(tmp_path / "ckpt.pth"), "--format", "hf", "--out", str(tmp_path / "hf")]
+    assert main(hf_args) == 2  # width 64 and no architecture record: the head count must be named
+    assert main([*hf_args, "--num-heads", "1"]) == 0
     assert_same(load_state(tmp_path / "hf"), teacher)
-    args = ["--weights", str(tmp_path / "ckpt.pth"), "--format", "hub", "--out", str(tmp_path / "s.safetensors")]
+    args = ["--weights", str(tmp_path / "ckpt.pth"), "--format", "hub", "--out", str(tmp_path / "s.safetensors"),
+            "--num-heads", "1"]
     result = subprocess.run(
         [sys.executable, "-m", "dinov2.weights.export", *args, "--student"], cwd=REPO, capture_output=True, text=True
     )
@@ -250,4 +260,4 @@ def test_resize_pos_embed_modes():
     assert offset["pos_embed"].shape == sized["pos_embed"].shape == (1, 50, 64)
     assert torch.equal(offset["pos_embed"][:, 0], state["pos_embed"][:, 0])
     assert not torch.allclose(offset["pos_embed"], sized["pos_embed"])  # scale_factor vs size: the official offset path
-    assert infer_spec(offset).img_size == 7 * 14
+    assert infer_spec(offset, num_heads=1).img_size == 7 * 14

@@ -72,7 +72,7 @@ def test_strict_load_hub_and_training_layouts(name, tmp_path):
     spec = SPECS[name]
     state = random_state(spec)
     torch.save(state, tmp_path / "hub.pth")
-    model = load_backbone(tmp_path / "hub.pth")
+    model = load_backbone(tmp_path / "hub.pth", num_heads=spec.num_heads)  # raw files record no architecture
     assert_state_equal(unchunk(model.state_dict()), state)
     reference = features(model, spec)
 
@@ -80,8 +80,9 @@ def test_strict_load_hub_and_training_layouts(name, tmp_path):
     teacher = {"backbone." + k: v for k, v in chunk(state, 2).items()}
     teacher.update({"dino_head.mlp.0.weight": torch.zeros(16, spec.embed_dim), "ibot_head.mlp.0.bias": torch.zeros(16)})
     torch.save({"teacher": teacher}, tmp_path / "teacher_checkpoint.pth")
-    assert_features_equal(features(load_backbone(tmp_path / "teacher_checkpoint.pth"), spec), reference)
-    chunked_model = load_backbone(tmp_path / "hub.pth", block_chunks=2)
+    official = load_backbone(tmp_path / "teacher_checkpoint.pth", num_heads=spec.num_heads)
+    assert_features_equal(features(official, spec), reference)
+    chunked_model = load_backbone(tmp_path / "hub.pth", num_heads=spec.num_heads, block_chunks=2)
     assert any(k.startswith("blocks.1.") and k.split(".")[2].isdigit() for k in chunked_model.state_dict())
     assert_features_equal(features(chunked_model, spec), reference)
 
@@ -142,7 +143,7 @@ def test_wrong_key_and_shape_are_named():
 @pytest.mark.parametrize("name", ["mlp", "reg4"])
 def test_resize_pos_embed_matches_model_interpolation(name):
     spec = SPECS[name]
-    model = load_backbone(random_state(spec))
+    model = load_backbone(random_state(spec), num_heads=spec.num_heads)
     for rows, cols in ((2, 2), (6, 6), (9, 9), (3, 5)):  # rows = image height // patch (official "w")
         resized = resize_pos_embed(
             unchunk(model.state_dict()), (rows, cols), model.interpolate_offset, model.interpolate_antialias
@@ -151,13 +152,13 @@ def test_resize_pos_embed_matches_model_interpolation(name):
         with torch.no_grad():
             expected = model.interpolate_pos_encoding(tokens, rows * spec.patch_size, cols * spec.patch_size)
         assert torch.equal(resized["pos_embed"], expected)
-    resized_model = load_backbone(resize_pos_embed(unchunk(model.state_dict()), 6, 0.0, True))
+    resized_model = load_backbone(resize_pos_embed(unchunk(model.state_dict()), 6, 0.0, True), num_heads=1)
     assert resized_model.pos_embed.shape[1] == 37
 
 
 def test_inferred_hub_defaults():
-    plain = load_backbone(random_state(TINY))
-    reg = load_backbone(random_state(TINY_REG))
+    plain = load_backbone(random_state(TINY), num_heads=1)
+    reg = load_backbone(random_state(TINY_REG), num_heads=1)
     assert (plain.interpolate_offset, plain.interpolate_antialias) == (0.1, False)
     assert (reg.interpolate_offset, reg.interpolate_antialias) == (0.0, True)
     assert not plain.training
@@ -182,7 +183,7 @@ def test_our_training_checkpoint_teacher_and_student(tmp_path):
     torch.save({"model": model.state_dict(), "iteration": 3}, tmp_path / "ckpt.pth")
     spec = BackboneSpec(64, 2, 1, 14, 56)
     for role in ("teacher", "student"):
-        loaded = load_backbone(tmp_path / "ckpt.pth", which=role)
+        loaded = load_backbone(tmp_path / "ckpt.pth", which=role, num_heads=1)
         expected = getattr(model, role)["backbone"]
         assert_features_equal(features(loaded, spec, 42), features(expected, spec, 42))
 
