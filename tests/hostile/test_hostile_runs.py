@@ -125,7 +125,7 @@ def _cases(root: Path) -> dict[str, dict]:
     (root / "malformed.yaml").write_text("train:\n  max_iter: [1, 2\n")
     (root / "list.yaml").write_text("- train\n- optim\n")
     add("train_malformed_yaml", [*train[:3], "--config-file", str(root / "malformed.yaml"), "--output-dir",
-                                 str(out / "t1")], "malformed.yaml", "not valid YAML")  # fmt: skip
+                                 str(out / "t1")], "malformed.yaml", "malformed YAML")  # fmt: skip
     add("train_non_mapping_yaml", [*train[:3], "--config-file", str(root / "list.yaml"), "--output-dir",
                                    str(out / "t2")], "list.yaml", "mapping")  # fmt: skip
     for key in ("evaluation.eval_period_iterations=0", "optim.base_lr=nan", "train.max_iter=0", "train.max_iter=-3"):
