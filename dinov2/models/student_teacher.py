@@ -153,7 +153,10 @@ class StudentTeacher(nn.Module):
         """
         dino_parts = [d for d, _ in logits if d is not None]
         ibot_parts = [i for _, i in logits if i is not None]
-        dino_all = (dino_parts[0] if len(dino_parts) == 1 else torch.cat(dino_parts)) if dino_parts else None
+        dino_all = None
+        if dino_parts:  # crop-major over all images (crop 1 of every image, then crop 2), the large batch's order
+            by_crop = [d.unflatten(0, (2, -1)) for d in dino_parts]  # (2, B_i, K) each
+            dino_all = dino_parts[0] if len(dino_parts) == 1 else torch.cat(by_crop, dim=1).flatten(0, 1)
         ibot_all = (ibot_parts[0] if len(ibot_parts) == 1 else torch.cat(ibot_parts)) if ibot_parts else None
         dino_targets = ibot_targets = None
         if dino_all is not None:
@@ -170,7 +173,10 @@ class StudentTeacher(nn.Module):
                 ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_all, teacher_temp)
         if len(logits) == 1:
             return [(dino_targets, ibot_targets)]
-        dino_split = dino_targets.split([len(d) for d in dino_parts]) if dino_targets is not None else None
+        dino_split = None
+        if dino_targets is not None:
+            per_crop = dino_targets.unflatten(0, (2, -1)).split([len(d) // 2 for d in dino_parts], dim=1)
+            dino_split = [t.flatten(0, 1) for t in per_crop]
         ibot_split = ibot_targets.split([len(i) for i in ibot_parts]) if ibot_targets is not None else None
         return [
             (dino_split[k] if dino_split is not None else None, ibot_split[k] if ibot_split is not None else None)
