@@ -24,8 +24,9 @@ ADVICE = {
         "batches'"
     ),
     "one_hot": (
-        "sharpening outweighs centering: raise teacher.teacher_temp, or use train.centering=sinkhorn_knopp, whose "
-        "equipartition cannot put every image on one prototype"
+        "sharpening outweighs centering: raise the teacher temperature (small_batch.teacher_temp in the small-batch "
+        "regime, else teacher.teacher_temp), or use train.centering=sinkhorn_knopp, whose equipartition cannot put "
+        "every image on one prototype"
     ),
 }
 
