@@ -3,7 +3,8 @@
 Usage:
     python bench/learning.py                  # ~10 minutes on 2 cores (photos)
     python bench/learning.py --iters 60       # a smoke run
-    python bench/learning.py --data tux       # the other data set (needs tuxpaint-stamps-default)
+    python bench/learning.py --data tux       # drawings (needs tuxpaint-stamps-default)
+    python bench/learning.py --data glyphs    # letters in 69 fonts (Debian font packages, see below)
     python bench/learning.py ibot.loss_weight=0 dino.koleo_loss_weight=0   # ablations: any training overrides
 
 Data (real images, nothing downloaded at run time):
@@ -17,13 +18,20 @@ Data (real images, nothing downloaded at run time):
   composited onto white at 64 px. Per class a seeded 60/40 split gives the kNN train and val sets. The classes are
   semantic and there are 287 training drawings: a few minutes of SSL moves kNN by ~5 points, not significantly.
 
-In both, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
+- ``glyphs``: letters and digits as classes (15: ``ABEGKMRSWX23568``) drawn in the installed outline fonts (69
+  with Debian's ``fonts-urw-base35 fonts-dejavu-core fonts-dejavu-extra fonts-freefont-ttf fonts-noto-mono``),
+  each at a random size, position, tilt (+-20 degrees) and light/dark colour pair, 64 px. A seeded 60/40 split of the
+  fonts gives kNN train (41 fonts, 615 images) and val (28 fonts, 420 images): val letters are in unseen typefaces.
+
+In all three, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
 says whether the trained model's gain over random init is more than noise.
 
 Protocol: official kNN (cosine on L2-normalised CLS features, T = 0.07, weighted voting) at k = 10 and 20, on the
 teacher backbone after training, against the identical architecture and seed at random initialisation. Training is
 ``python -m dinov2.train``'s loop (DINO + iBOT + KoLeo, multi-crop, EMA teacher), fp32 on the CPU (bf16 is slower
-than fp32 on CPUs without AMX, see bench/train_step.py). Results are printed, never asserted.
+than fp32 on CPUs without AMX, see bench/train_step.py). At the bench's batch of 32 the trainer's small-batch regime
+applies (README, "Small batches"); ``small_batch.mode=never`` gives the official recipe. Results are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from dinov2.config import load_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
+from dinov2.train.regime import resolve_regime  # noqa: E402
 from dinov2.train.train import build_student_teacher, train  # noqa: E402
 
 TUX_ROOT = Path("/usr/share/tuxpaint/stamps")
@@ -117,6 +126,49 @@ def write_photos(root: Path) -> int:
     return len(photos)
 
 
+FONT_ROOT = Path("/usr/share/fonts")
+GLYPHS = "ABEGKMRSWX23568"
+NOT_LATIN_TEXT = ("symbol", "dingbat", "d050000l", "math", "fallback")  # fonts without ordinary Latin letters
+
+
+def glyph_fonts() -> list[Path]:
+    """The installed outline fonts that draw ordinary Latin letters and digits, in a fixed order."""
+    fonts = sorted(p for p in FONT_ROOT.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
+    return [p for p in fonts if not any(word in p.name.lower() for word in NOT_LATIN_TEXT)]
+
+
+def render_glyph(font_path: Path, char: str, rng: np.random.Generator) -> Image.Image:
+    """``char`` in one font at a random size, position, tilt and colour pair (dark on light or the reverse)."""
+    from PIL import ImageDraw, ImageFont
+
+    big = 4 * IMAGE_PX  # drawn large, then rotated and downsampled, so thin strokes survive
+    font = ImageFont.truetype(str(font_path), int(big * rng.uniform(0.45, 0.75)))
+    light, dark = tuple(int(v) for v in rng.integers(170, 256, 3)), tuple(int(v) for v in rng.integers(0, 90, 3))
+    background, ink = (light, dark) if rng.random() < 0.5 else (dark, light)
+    canvas = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
+    x = (big - (right - left)) / 2 - left + rng.uniform(-0.12, 0.12) * big
+    y = (big - (bottom - top)) / 2 - top + rng.uniform(-0.12, 0.12) * big
+    draw.text((x, y), char, font=font, fill=ink)
+    canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BICUBIC, fillcolor=background)
+    return canvas.resize((IMAGE_PX, IMAGE_PX), Image.Resampling.LANCZOS)
+
+
+def write_glyphs(root: Path) -> int:
+    """One class per character of GLYPHS; each font draws every class once. A seeded 60/40 split of the fonts gives
+    the kNN train and val sets, so val letters are in typefaces the model never saw."""
+    fonts = glyph_fonts()
+    rng = np.random.default_rng(2)
+    order = rng.permutation(len(fonts))
+    n_train = int(round(0.6 * len(fonts)))
+    for rank, f in enumerate(order):
+        split = "knn_train" if rank < n_train else "knn_val"
+        for char in GLYPHS:
+            save_sample(root, split, f"glyph_{char}", int(f), render_glyph(fonts[f], char, rng))
+    return len(GLYPHS)
+
+
 def mcnemar_p(wins: int, losses: int) -> float:
     """Exact two-sided McNemar p-value: the chance of a split at least this uneven of the wins + losses images
     that only one of the two models gets right, if both models were equally good."""
@@ -145,10 +197,13 @@ def training_overrides(data: Path, out: Path, iters: int) -> list[str]:
     ]
 
 
+WRITERS = {"photos": write_photos, "tux": write_tux, "glyphs": write_glyphs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
-    parser.add_argument("--data", choices=("photos", "tux"), default="photos")
+    parser.add_argument("--data", choices=("photos", "tux", "glyphs"), default="photos")
     parser.add_argument("--workdir", default="", help="keep data and run here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="extra training key=value overrides, e.g. ibot.loss_weight=0")
     args = parser.parse_args(argv)
@@ -158,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     if data_kind == "tux" and not TUX_ROOT.is_dir():
         print("tuxpaint-stamps-default is not installed: apt-get install tuxpaint-stamps-default", file=sys.stderr)
         return 2
+    if data_kind == "glyphs" and len(glyph_fonts()) < 20:
+        print("too few fonts: apt-get install fonts-urw-base35 fonts-dejavu-core fonts-dejavu-extra fonts-freefont-ttf "
+              "fonts-noto-mono", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        n_classes = write_tux(root) if data_kind == "tux" else write_photos(root)
+        n_classes = WRITERS[data_kind](root)
         n_train = sum(1 for _ in (root / "knn_train").rglob("*.png"))
         n_val = sum(1 for _ in (root / "knn_val").rglob("*.png"))
         cfg = load_config(None, training_overrides(root / "ssl", root / "run", args.iters) + args.overrides)
@@ -177,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t_train
         state = torch.load(sorted((root / "run" / "checkpoints").glob("iter_*"))[-1] / "state.pth",
                            weights_only=True)
-        trained = build_student_teacher(cfg)
+        trained = build_student_teacher(resolve_regime(cfg, 1)[0])  # the regime's config (e.g. its queue buffers)
         trained.load_state_dict(state["model"])
         correct_after = evaluate_knn(trained.teacher["backbone"], *knn, per_image=True)["correct"]
         records = [json.loads(line) for line in (root / "run" / "training_metrics.json").read_text().splitlines()]
         entropies = [r["dino_teacher_entropy"] for r in records if "dino_teacher_entropy" in r]
+        dino = [r["dino_global_crops_loss"] + r.get("dino_local_crops_loss", 0.0) for r in records
+                if "dino_global_crops_loss" in r]
+        warnings = [r for r in records if r.get("event") == "collapse_warning"]
         total_s = time.perf_counter() - start
 
     before = {k: 100.0 * v.mean() for k, v in correct_before.items()}
@@ -194,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nLearning check: {data_kind} data, {n_classes} classes, {n_train} kNN-train / {n_val} kNN-val images "
           f"at {IMAGE_PX} px; ViT 128-d x 6 blocks, patch 8; {summary['iteration'] + 1} iterations x "
           f"{cfg.train.batch_size_per_gpu} images, fp32 CPU, {torch.get_num_threads()} threads")
+    print(resolve_regime(cfg, 1)[1].describe())
     if args.overrides:
         print("overrides: " + " ".join(args.overrides))
     print(f"{'model':<14} {'kNN top-1 k=10':>15} {'kNN top-1 k=20':>15}")
@@ -206,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paired at k={k}: {wins} val images right only after training, {regressions} right only at random "
               f"init; exact McNemar p = {mcnemar_p(wins, regressions):.3g}")
     if entropies:
-        print(f"DINO teacher-target entropy {entropies[0]:.2f} -> {entropies[-1]:.2f} nats "
-              f"(ln K = {math.log(cfg.dino.head_n_prototypes):.2f} is uniform targets)")
+        ln_k = math.log(cfg.dino.head_n_prototypes)
+        print(f"DINO teacher-target entropy {entropies[0]:.2f} -> {entropies[-1]:.2f} nats = "
+              f"{entropies[0] / ln_k:.2f} -> {entropies[-1] / ln_k:.2f} ln K (ln K = {ln_k:.2f} is uniform targets); "
+              f"DINO loss (global + local) {dino[0]:.3f} -> {dino[-1]:.3f} (first -> last log period)")
+    for warning in warnings:
+        print(f"collapse warning at iteration {warning['iteration']}: {warning['kind']} targets")
     return 0
 
 

@@ -119,6 +119,13 @@ class DinoConfig:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
     koleo_loss_weight: float = 0.1
+    # ours: rows of earlier steps' teacher logits that Sinkhorn-Knopp also normalises over (SwAV's queue; 0 = none,
+    # official). Set by the small-batch regime (see SmallBatchConfig); only read with train.centering=sinkhorn_knopp.
+    sinkhorn_queue_size: int = 0
+
+    def validate(self) -> None:
+        _check_positive("dino.head_n_prototypes", self.head_n_prototypes)
+        _check_positive("dino.sinkhorn_queue_size", self.sinkhorn_queue_size, allow_zero=True)
 
 
 @dataclass
@@ -168,6 +175,13 @@ class TrainSection:
     init_from: str = ""
     init_heads: str = "checkpoint"  # checkpoint | fresh: heads and loss centers from init_from, or newly initialised
     head_warmup_iters: int = 0  # first iterations train the heads only (backbone grads dropped, its EMA paused)
+    # Micro-batches of batch_size_per_gpu per optimizer step: the total batch is world size x batch_size_per_gpu x
+    # grad_accum_steps. Teacher targets (centers, Sinkhorn-Knopp) are computed over the whole step's images, as at
+    # the larger batch; KoLeo's nearest neighbours stay within a micro-batch (as within a GPU's batch officially).
+    grad_accum_steps: int = 1
+    # Warn once (log + a collapse_warning line in training_metrics.json) when the DINO teacher targets stay uniform
+    # or one-hot for this many consecutive log periods (dinov2/train/collapse.py); 0 disables.
+    collapse_patience: int = 5
 
     def validate(self) -> None:
         _check_positive("train.batch_size_per_gpu", self.batch_size_per_gpu)
@@ -190,6 +204,8 @@ class TrainSection:
             raise ConfigError(f"train.max_iter: must be >= 1, or -1 for optim.epochs x OFFICIAL_EPOCH_LENGTH; got "
                               f"{self.max_iter}")
         _check_positive("train.head_warmup_iters", self.head_warmup_iters, allow_zero=True)
+        _check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        _check_positive("train.collapse_patience", self.collapse_patience, allow_zero=True)
 
 
 @dataclass
@@ -292,6 +308,33 @@ class CropsConfig:
 
 
 @dataclass
+class SmallBatchConfig:
+    """ours: the small-batch regime, chosen from the total batch (world size x batch_size_per_gpu x grad_accum_steps).
+
+    The official recipe was only ever run at a total batch of 1024-2048. Below ``below_total_batch`` (small data,
+    small models, short runs) its teacher temperature (0.04 warming up to 0.07) is too high for the spread of the
+    teacher's logits across images, and centering then leaves near-uniform targets (README, "Small batches"). When the
+    regime is on, its values replace the official keys they name in the config the run uses (logged at start); at or
+    above the threshold nothing changes, bit for bit. ``mode``: auto (on below the threshold) | always | never.
+    """
+
+    mode: str = "auto"
+    below_total_batch: int = 1024
+    teacher_temp: float = 0.02  # -> teacher.warmup_teacher_temp and teacher.teacher_temp (constant, no warm-up)
+    centering: str = "keep"  # keep | centering | sinkhorn_knopp -> train.centering
+    # -> dino.sinkhorn_queue_size when Sinkhorn-Knopp is used: 2048 rows keeps K = 65536 prototypes at the official
+    # ~32 per row (a batch of n rows alone forces every target over at least K / n prototypes)
+    sinkhorn_queue_size: int = 2048
+
+    def validate(self) -> None:
+        _check_choice("small_batch.mode", self.mode, ("auto", "always", "never"))
+        _check_positive("small_batch.below_total_batch", self.below_total_batch)
+        _check_positive("small_batch.teacher_temp", self.teacher_temp)
+        _check_choice("small_batch.centering", self.centering, ("keep", "centering", "sinkhorn_knopp"))
+        _check_positive("small_batch.sinkhorn_queue_size", self.sinkhorn_queue_size, allow_zero=True)
+
+
+@dataclass
 class EvaluationConfig:
     eval_period_iterations: int = 12500  # teacher export (and kNN, when knn_train_dataset is set) period
     # ours: labelled image folders for a kNN check during training (empty: export only)
@@ -314,6 +357,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    small_batch: SmallBatchConfig = field(default_factory=SmallBatchConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -321,6 +365,8 @@ class TrainConfig:
     def validate(self) -> None:
         _check_finite(self)  # first: a NaN passes every range check (all comparisons with it are False)
         self.compute_precision.validate()
+        self.dino.validate()
+        self.small_batch.validate()
         self.train.validate()
         self.student.validate()
         self.teacher.validate()
@@ -346,12 +392,17 @@ class TrainConfig:
         return self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
 
 
+def total_batch_size(train: TrainSection, world_size: int) -> int:
+    """Images per optimizer step over all ranks: world size x ``batch_size_per_gpu`` x ``grad_accum_steps``."""
+    return train.batch_size_per_gpu * train.grad_accum_steps * world_size
+
+
 def scaled_lr(optim: OptimConfig, total_batch: int) -> float:
     """The peak learning rate after the batch-size scaling rule (official: base_lr * sqrt(B_total / 1024)).
 
     Args:
         optim: ``base_lr`` and ``scaling_rule`` are read.
-        total_batch: images per optimizer step over all ranks (``train.batch_size_per_gpu`` x world size).
+        total_batch: images per optimizer step over all ranks (``total_batch_size``).
     """
     if optim.scaling_rule == "sqrt_wrt_1024":
         return optim.base_lr * math.sqrt(total_batch / 1024.0)

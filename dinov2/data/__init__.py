@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dinov2.config import CropsConfig, IbotConfig, TrainSection
 from dinov2.data.augment import BLUR_PROBABILITIES, CropParams, MultiCropAugmentation, apply_crop
-from dinov2.data.collate import collate_crops
+from dinov2.data.collate import collate_crops, split_micro_batches
 from dinov2.data.loader import (
     DecodeError,
     RankSampleStream,
@@ -38,6 +38,7 @@ __all__ = [
     "make_train_loader",
     "official_max_num_patches",
     "open_source",
+    "split_micro_batches",
 ]
 
 
@@ -46,7 +47,7 @@ def build_train_loader(train: TrainSection, crops: CropsConfig, ibot: IbotConfig
     """The training loader from the config sections it reads (the only config-aware entry point).
 
     Args:
-        train: ``dataset_path``, ``batch_size_per_gpu``, ``seed`` and ``num_workers`` are read.
+        train: ``dataset_path``, ``batch_size_per_gpu``, ``grad_accum_steps``, ``seed`` and ``num_workers``.
         crops: the multi-crop augmentation.
         ibot: ``mask_ratio_min_max`` and ``mask_sample_probability`` of the iBOT masks.
         patch_size: the backbone's patch size (``student.patch_size``), which sets the mask grid.
@@ -67,7 +68,8 @@ def build_train_loader(train: TrainSection, crops: CropsConfig, ibot: IbotConfig
     )
     return make_train_loader(
         train.dataset_path,
-        train.batch_size_per_gpu,
+        # one optimizer step's images of this rank; the trainer splits them into grad_accum_steps micro-batches
+        train.batch_size_per_gpu * train.grad_accum_steps,
         augmentation=augmentation,
         patch_size=patch_size,
         rank=rank,

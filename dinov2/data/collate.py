@@ -112,3 +112,50 @@ def collate_crops(
         "skipped": dict(Counter(skip[1] for skip in skipped_samples)),
         "skipped_samples": skipped_samples,
     }
+
+
+def split_micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Split a collated batch of n·B images into n batches of B images, as ``collate_crops`` would lay them out.
+
+    Micro-batch i holds images ``[i·B, (i+1)·B)`` with their crops, masks and keys, so the n micro-batches together
+    are exactly the large batch (same crops, same masks): gradient accumulation over them reproduces the large-batch
+    step. ``mask_indices_list``, ``masks_weight`` and ``n_masked_patches`` are recomputed per micro-batch (the weights
+    are per image, so they are the large batch's own); ``upperbound`` keeps the large batch's bound (still valid);
+    ``skipped`` counts stay with micro-batch 0 so they are counted once. ``n = 1`` returns ``[batch]`` unchanged.
+
+    Raises:
+        ValueError: if the batch's image count is not a multiple of ``n``.
+    """
+    if n == 1:
+        return [batch]
+    n_images = len(batch["sample_keys"])
+    if n < 1 or n_images % n:
+        raise ValueError(f"cannot split a batch of {n_images} images into {n} equal micro-batches")
+    size = n_images // n
+
+    def rows(tensor: torch.Tensor, i: int) -> torch.Tensor:
+        """Images [i·size, (i+1)·size) of every crop of a crop-major (n_crops · n_images, ...) tensor."""
+        crops = tensor.shape[0] // n_images
+        return tensor.view(crops, n_images, *tensor.shape[1:])[:, i * size : (i + 1) * size].flatten(0, 1)
+
+    micro_batches = []
+    for i in range(n):
+        masks = rows(batch["collated_masks"], i)
+        mask_indices_list = masks.flatten().nonzero().flatten()
+        per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
+        part = dict(batch)
+        part.update(
+            collated_global_crops=rows(batch["collated_global_crops"], i),
+            collated_local_crops=rows(batch["collated_local_crops"], i) if len(batch["collated_local_crops"]) else
+            batch["collated_local_crops"],
+            collated_masks=masks,
+            mask_indices_list=mask_indices_list,
+            masks_weight=(1.0 / per_image).expand_as(masks)[masks],
+            n_masked_patches=torch.full((1,), len(mask_indices_list), dtype=torch.long),
+            sample_indices=batch["sample_indices"][i * size : (i + 1) * size],
+            sample_keys=batch["sample_keys"][i * size : (i + 1) * size],
+            skipped=batch["skipped"] if i == 0 else {},
+            skipped_samples=batch["skipped_samples"] if i == 0 else [],
+        )
+        micro_batches.append(part)
+    return micro_batches

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dinov2.loss.center import LazyEMACenter
@@ -29,17 +30,33 @@ class DINOLoss(LazyEMACenter):
     ``forward`` returns Σ_s Σ_t L(s, t) over all given pairs; excluding same-view pairs is the caller's job (see
     ``dino_crop_losses``). Buffer ``center`` (1, K) is the EMA of teacher logits (see ``LazyEMACenter``).
 
+    With ``queue_size`` L > 0, Sinkhorn-Knopp runs over the step's rows plus the last L teacher logit rows of
+    earlier steps (SwAV's queue, Caron et al. 2020): the equipartition then spreads over L + n samples instead of
+    the n of a small batch, whose K/n-fold split of every prototype forces each target over at least K/n
+    prototypes. Only the step's own rows are returned. The queue holds every rank's rows (all-gathered), newest
+    first, in the buffers ``queue`` (L, K) and ``queue_filled`` (saved with the model, so resume is exact); under a
+    process group only rank 0 adds it to the Sinkhorn-Knopp sums, so each queued row counts once.
+
     Args:
         out_dim: number of prototypes K.
         student_temp: student temperature τ_s.
         center_momentum: EMA momentum m of the center.
+        queue_size: L, rows of earlier teacher logits used by Sinkhorn-Knopp (0: none, the official behaviour).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, queue_size: int = 0
+    ) -> None:
         super().__init__((1, out_dim), center_momentum)
         if student_temp <= 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.student_temp = student_temp
+        self.queue_size = queue_size
+        if queue_size:  # no buffers at all without a queue: official state dicts stay unchanged
+            self.register_buffer("queue", torch.zeros(queue_size, out_dim))
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -50,8 +67,32 @@ class DINOLoss(LazyEMACenter):
     def sinkhorn_knopp_teacher(
         self, teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
     ) -> torch.Tensor:
-        """(n, K) logits -> (n, K) fp32 Sinkhorn-Knopp targets (see ``sinkhorn_knopp``); the center is untouched."""
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
+        """(n, K) logits -> (n, K) fp32 Sinkhorn-Knopp targets (see ``sinkhorn_knopp``); the center is untouched.
+
+        With a queue, the targets are computed over the queued rows and these together, then these rows join the
+        queue (so the queue never contains the step's own rows when they are scored)."""
+        if not self.queue_size:
+            return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
+        logits = teacher_logits.detach().float()
+        distributed = dist.is_available() and dist.is_initialized()
+        past = self.queue[: int(self.queue_filled)]
+        if distributed and dist.get_rank() != 0:
+            past = past[:0]  # every rank holds the same queue; rank 0 alone contributes it to the global sums
+        targets = sinkhorn_knopp(torch.cat((past, logits)), teacher_temp, n_iterations=n_iterations)[len(past) :]
+        self.push_to_queue(logits)
+        return targets
+
+    @torch.no_grad()
+    def push_to_queue(self, teacher_logits: torch.Tensor) -> None:
+        """Add this step's (n, K) rows of every rank to the front of the queue, dropping the oldest beyond L."""
+        rows = teacher_logits.detach().float()
+        if dist.is_available() and dist.is_initialized():
+            gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, rows.contiguous())  # equal n on every rank (the same per-GPU batch)
+            rows = torch.cat(gathered)
+        rows = rows[: self.queue_size]
+        self.queue.copy_(torch.cat((rows, self.queue[: self.queue_size - len(rows)])))
+        self.queue_filled.fill_(min(self.queue_size, int(self.queue_filled) + len(rows)))
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:

@@ -112,7 +112,8 @@ class StudentTeacher(nn.Module):
             param.requires_grad = False
 
         ibot_prototypes = ibot.head_n_prototypes if self.separate_ibot_head else dino.head_n_prototypes
-        self.dino_loss = DINOLoss(dino.head_n_prototypes)
+        queue = dino.sinkhorn_queue_size if self.centering == "sinkhorn_knopp" else 0
+        self.dino_loss = DINOLoss(dino.head_n_prototypes, queue_size=queue)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes)
         self.koleo_loss = KoLeoLoss()
 
@@ -126,33 +127,73 @@ class StudentTeacher(nn.Module):
         return "ibot_head" if self.separate_ibot_head else "dino_head"
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Teacher target probabilities: DINO (2B, K) of the global crops (crop-major), iBOT (M, K) masked tokens."""
-        global_crops = batch["collated_global_crops"]
-        out = self.teacher["backbone"](global_crops, is_training=True)
-        dino_targets = ibot_targets = None
+    def teacher_logits(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher head outputs, fp32: DINO (2B, K) of the global crops (crop-major), iBOT (M, K) of masked tokens."""
+        out = self.teacher["backbone"](batch["collated_global_crops"], is_training=True)
+        dino_logits = ibot_logits = None
         if self.do_dino:
             # natural crop order; dino_crop_losses pairs student crop 1 with teacher crop 2 and vice versa
-            logits = self.teacher["dino_head"](out["x_norm_clstoken"]).float()  # (2B, K)
-            if self.centering == "centering":
-                dino_targets = self.dino_loss.softmax_center_teacher(logits, teacher_temp)
-                self.dino_loss.update_center(logits)
-            else:
-                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
+            dino_logits = self.teacher["dino_head"](out["x_norm_clstoken"]).float()
         if self.do_ibot:
             patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
             masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
-            logits = self.teacher[self.ibot_head_name](masked).float()  # (M, K)
-            if self.centering == "centering":
-                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(logits[None], teacher_temp)[0]
-                self.ibot_patch_loss.update_center(logits[None])
-            else:
-                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    logits, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"]
-                )
-        return dino_targets, ibot_targets
+            ibot_logits = self.teacher[self.ibot_head_name](masked).float()
+        return dino_logits, ibot_logits
 
-    def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def targets_from_logits(
+        self, logits: list[tuple[torch.Tensor | None, torch.Tensor | None]], teacher_temp: float
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Teacher targets of one optimizer step's micro-batches, computed over all of them at once.
+
+        ``logits`` holds ``teacher_logits`` of each micro-batch. The rows of all micro-batches are concatenated, so
+        centering (softmax with the center, then one center update from all rows) and Sinkhorn-Knopp see the whole
+        step's batch, exactly as one large batch would; the targets are then split back per micro-batch. With one
+        micro-batch this is the official step unchanged.
+        """
+        dino_parts = [d for d, _ in logits if d is not None]
+        ibot_parts = [i for _, i in logits if i is not None]
+        dino_all = None
+        if dino_parts:  # crop-major over all images (crop 1 of every image, then crop 2), the large batch's order
+            by_crop = [d.unflatten(0, (2, -1)) for d in dino_parts]  # (2, B_i, K) each
+            dino_all = dino_parts[0] if len(dino_parts) == 1 else torch.cat(by_crop, dim=1).flatten(0, 1)
+        ibot_all = (ibot_parts[0] if len(ibot_parts) == 1 else torch.cat(ibot_parts)) if ibot_parts else None
+        dino_targets = ibot_targets = None
+        if dino_all is not None:
+            if self.centering == "centering":
+                dino_targets = self.dino_loss.softmax_center_teacher(dino_all, teacher_temp)
+                self.dino_loss.update_center(dino_all)
+            else:
+                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(dino_all, teacher_temp)
+        if ibot_all is not None:
+            if self.centering == "centering":
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(ibot_all[None], teacher_temp)[0]
+                self.ibot_patch_loss.update_center(ibot_all[None])
+            else:
+                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_all, teacher_temp)
+        if len(logits) == 1:
+            return [(dino_targets, ibot_targets)]
+        dino_split = None
+        if dino_targets is not None:
+            per_crop = dino_targets.unflatten(0, (2, -1)).split([len(d) // 2 for d in dino_parts], dim=1)
+            dino_split = [t.flatten(0, 1) for t in per_crop]
+        ibot_split = ibot_targets.split([len(i) for i in ibot_parts]) if ibot_targets is not None else None
+        return [
+            (dino_split[k] if dino_split is not None else None, ibot_split[k] if ibot_split is not None else None)
+            for k in range(len(logits))
+        ]
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher target probabilities: DINO (2B, K) of the global crops (crop-major), iBOT (M, K) masked tokens."""
+        return self.targets_from_logits([self.teacher_logits(batch)], teacher_temp)[0]
+
+    def forward(
+        self,
+        batch: dict,
+        teacher_temp: float,
+        targets: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Loss terms of one step. ``total_loss`` is exactly what is back-propagated.
 
         With DINO on, ``dino_teacher_entropy`` (no gradient, nats) is the mean entropy of the teacher's targets,
@@ -165,8 +206,10 @@ class StudentTeacher(nn.Module):
                 (n_local*B,3,L,L), ``collated_masks`` (2B,N) bool, ``mask_indices_list`` (M,), ``masks_weight``
                 (M,), ``n_masked_patches`` (1,)).
             teacher_temp: the teacher softmax / Sinkhorn-Knopp temperature of this iteration.
+            targets: precomputed (DINO, iBOT) teacher targets of this batch (gradient accumulation computes them for
+                all micro-batches first, see ``targets_from_logits``); None computes them here.
         """
-        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
+        dino_targets, ibot_targets = targets if targets is not None else self.teacher_targets(batch, teacher_temp)
         global_crops = batch["collated_global_crops"]
         local_crops = batch["collated_local_crops"]
         masks = batch["collated_masks"]

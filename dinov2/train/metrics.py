@@ -108,6 +108,12 @@ class MetricLogger:
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta))
         logger.info("it %d/%d  eta %s  %s", iteration + 1, self.max_iter, eta_text, shown)
 
+    def event(self, iteration: int, record: dict) -> None:
+        """An extra JSON line ``{"iteration": it, **record}`` (e.g. a collapse warning) in training_metrics.json."""
+        if self.enabled:
+            with self.json_path.open("a") as f:
+                f.write(json.dumps({"iteration": iteration, **record}) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

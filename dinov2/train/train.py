@@ -10,6 +10,7 @@ derived values (the scaled lr, the resolved device and parallel strategy) are co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2.config import ConfigError, CropsConfig, StudentConfig, TrainConfig, scaled_lr
-from dinov2.data import build_train_loader
+from dinov2.config import ConfigError, CropsConfig, StudentConfig, TrainConfig, scaled_lr, total_batch_size
+from dinov2.data import build_train_loader, split_micro_batches
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
 from dinov2.eval.knn import evaluate_knn
@@ -33,10 +34,13 @@ from dinov2.train.checkpoint import (
     latest_checkpoint,
     restore_rng_state,
 )
+from dinov2.train.collapse import CollapseMonitor
+from dinov2.train.collapse import describe as describe_collapse
 from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
 from dinov2.train.metrics import MetricLogger, count_forward_flops
 from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups
 from dinov2.train.precision import resolve_autocast_dtype
+from dinov2.train.regime import resolve_regime
 from dinov2.train.schedules import build_schedules
 from dinov2.train.state import restore_newest_loadable, save_training_state
 from dinov2.weights.arch import BackboneSpec, spec_of_module
@@ -163,6 +167,35 @@ def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], 
     return backbone.to(device).eval()
 
 
+def accumulate_gradients(forward_model: torch.nn.Module, model: StudentTeacher, batch: dict, n: int,
+                         teacher_temp: float, scaler: torch.amp.GradScaler | None,
+                         autocast: tuple[str, torch.dtype, bool]) -> dict[str, torch.Tensor]:
+    """Gradient accumulation over ``n`` micro-batches of ``batch``: the large-batch step, in pieces.
+
+    First the teacher logits of every micro-batch; then the targets over all of them at once (one center update,
+    Sinkhorn-Knopp over the whole step's rows); then per micro-batch the student losses, each back-propagated with
+    weight 1/n (the large batch's losses are means over images, so this sums to its gradient). Under DDP the
+    gradient all-reduce runs once, with the last micro-batch. Returns the loss terms averaged over micro-batches.
+    """
+    device_type, dtype, enabled = autocast
+    micro_batches = split_micro_batches(batch, n)
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        logits = [model.teacher_logits(micro) for micro in micro_batches]
+    targets = model.targets_from_logits(logits, teacher_temp)
+    no_sync = getattr(forward_model, "no_sync", None)  # DDP: reduce gradients only after the last micro-batch
+    sums: dict[str, torch.Tensor] = {}
+    for k, (micro, micro_targets) in enumerate(zip(micro_batches, targets)):
+        last = k == n - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                terms = forward_model(micro, teacher_temp, targets=micro_targets)
+            loss = terms["total_loss"] / n
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() / n
+    return sums
+
+
 def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopRequest | None = None) -> dict:
     """Train until ``cfg.max_iter``, resuming from the newest valid checkpoint in ``train.output_dir``.
 
@@ -171,8 +204,10 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         ``skipped_steps``, ``images_skipped`` (corrupt inputs) and ``stopped_for_preemption``.
 
     Args:
+        cfg: the run's config; the regime for its total batch is resolved here (``dinov2.train.regime``).
         preemption: asked once per iteration whether to save and stop (``dinov2.run.preemption``); None: never.
     """
+    cfg, regime = resolve_regime(cfg, env.world_size)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, env)
@@ -207,7 +242,8 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         autocast_dtype == torch.float16 or parallel.computes_in_fp16(model, cfg.compute_precision.student, device)
     )
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    accum_steps = cfg.train.grad_accum_steps
+    images_per_step = total_batch_size(cfg.train, env.world_size)
     peak_lr = scaled_lr(cfg.optim, images_per_step)
     schedules = build_schedules(cfg.optim, cfg.teacher, cfg.train.OFFICIAL_EPOCH_LENGTH, peak_lr)
     max_iter = cfg.max_iter
@@ -232,8 +268,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         for reason, count in getattr(loader.dataset.source, "listing_skips", {}).items():
             skipped_images_total[reason] = skipped_images_total.get(reason, 0) + int(count)
     metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
-    logger.info("lr %.3g (scaled for a total batch of %d); %.3g GFLOP per image", peak_lr, images_per_step,
-                image_flops / 1e9)
+    logger.info(regime.describe())
+    logger.info("lr %.3g (scaled for a total batch of %d = %d ranks x %d images x %d micro-batches); "
+                "%.3g GFLOP per image", peak_lr, images_per_step, env.world_size, cfg.train.batch_size_per_gpu,
+                accum_steps, image_flops / 1e9)
+    collapse = CollapseMonitor(cfg.dino.head_n_prototypes, cfg.train.log_period, cfg.train.collapse_patience)
     spikes = LossSpikeDetector(cfg.train.loss_spike_window, cfg.train.loss_spike_threshold)
     anomalies = AnomalyLog(output_dir, env.rank)
     student_groups = {
@@ -260,12 +299,16 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         centers_before = {k: v.clone() for k, v in model.dino_loss.state_dict().items()}
         ibot_centers_before = {k: v.clone() for k, v in model.ibot_patch_loss.state_dict().items()}
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            loss_terms = forward_model(batch, hp["teacher_temp"])
-        total_loss = loss_terms["total_loss"]
+        if accum_steps == 1:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                loss_terms = forward_model(batch, hp["teacher_temp"])
+            total_loss = loss_terms["total_loss"]
 
-        # --- backward ---
-        (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
+            # --- backward ---
+            (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
+        else:
+            loss_terms = accumulate_gradients(forward_model, model, batch, accum_steps, hp["teacher_temp"], scaler,
+                                              (device.type, autocast_dtype, use_autocast))
         if strategy == "none" and env.world_size > 1:
             parallel.average_gradients(student_groups, env)
         backbone_frozen = freeze_backbone_grads(model, cfg.train.head_warmup_iters, iteration)  # head-only warm-up
@@ -333,6 +376,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
             max_mem_mb=peak_memory_mb(device),
         )
         metrics.update(iteration, values)
+        if "dino_teacher_entropy" in values:
+            event = collapse.update(iteration, values["dino_teacher_entropy"])
+            if event is not None:
+                logger.warning(describe_collapse(event, iteration))
+                metrics.event(iteration, event)
 
         # --- checkpoint, teacher export, preemption ---
         last = iteration == max_iter - 1

@@ -26,7 +26,9 @@ def tiny(tiny_train):
         return tiny_train(data, max_iter, out, "student.patch_size=14", f"crops.global_crops_size={size}",
                           "crops.local_crops_size=28", "crops.local_crops_number=1", "train.batch_size_per_gpu=2",
                           "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2", "train.checkpoint_period=1",
-                          "train.max_to_keep=10", *extra)
+                          "train.max_to_keep=10",
+                          "small_batch.mode=never",  # the official objective (EMA centers the phase carries over)
+                          *extra)
 
     return overrides
 

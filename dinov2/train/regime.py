@@ -1,0 +1,63 @@
+"""The training regime chosen from the total batch: official at or above ``small_batch.below_total_batch``, the
+small-batch recipe below it (see ``SmallBatchConfig`` and README "Small batches").
+
+``resolve_regime`` is a pure function of the config and the world size. It returns the config the run uses: the
+input object itself in the official regime (so every value, and the run, is bit for bit the official one), or a copy
+with the small-batch values written into the official keys they replace.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from dinov2.config import TrainConfig, total_batch_size
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Which regime a run is in, why, and the config keys it changed (key -> (official value, regime value))."""
+
+    name: str  # "official" | "small_batch"
+    total_batch: int
+    changes: dict[str, tuple[object, object]]
+
+    def describe(self) -> str:
+        """One log line."""
+        if self.name == "official":
+            return f"regime: official (total batch {self.total_batch})"
+        changed = ", ".join(f"{k}={new} (was {old})" for k, (old, new) in self.changes.items()) or "nothing"
+        return (f"regime: small_batch (total batch {self.total_batch}); sets {changed}; "
+                "small_batch.mode=never keeps the official values")
+
+
+def small_batch_active(cfg: TrainConfig, world_size: int) -> bool:
+    """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold."""
+    mode = cfg.small_batch.mode
+    if mode == "auto":
+        return total_batch_size(cfg.train, world_size) < cfg.small_batch.below_total_batch
+    return mode == "always"
+
+
+def resolve_regime(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Regime]:
+    """(the config the run uses, its regime). Official: ``cfg`` itself, unchanged. Small batch: a validated copy."""
+    total = total_batch_size(cfg.train, world_size)
+    if not small_batch_active(cfg, world_size):
+        return cfg, Regime("official", total, {})
+    small = cfg.small_batch
+    centering = cfg.train.centering if small.centering == "keep" else small.centering
+    wanted = {
+        ("teacher", "warmup_teacher_temp"): small.teacher_temp,
+        ("teacher", "teacher_temp"): small.teacher_temp,
+        ("train", "centering"): centering,
+        ("dino", "sinkhorn_queue_size"): small.sinkhorn_queue_size if centering == "sinkhorn_knopp" else 0,
+    }
+    resolved = copy.deepcopy(cfg)
+    changes: dict[str, tuple[object, object]] = {}
+    for (section, key), value in wanted.items():
+        old = getattr(getattr(cfg, section), key)
+        if old != value:
+            setattr(getattr(resolved, section), key, value)
+            changes[f"{section}.{key}"] = (old, value)
+    resolved.validate()
+    return resolved, Regime("small_batch", total, changes)
