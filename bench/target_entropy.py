@@ -21,19 +21,22 @@ divided by tau. Centering subtracts the across-image mean, so targets are unifor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import learning  # noqa: E402
 
 from dinov2.loss import sinkhorn_knopp  # noqa: E402
 from dinov2.loss.dino_loss import DINOLoss  # noqa: E402
+
+# bench/learning.py is a script beside this one, not a package: loaded by path
+_spec = importlib.util.spec_from_file_location("bench_learning", Path(__file__).resolve().parent / "learning.py")
+learning = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learning)
 
 
 def entropy_fraction(probs: torch.Tensor) -> float:
