@@ -29,9 +29,9 @@ says whether the trained model's gain over random init is more than noise.
 Protocol: official kNN (cosine on L2-normalised CLS features, T = 0.07, weighted voting) at k = 10 and 20, on the
 teacher backbone after training, against the identical architecture and seed at random initialisation. Training is
 ``python -m dinov2.train``'s loop (DINO + iBOT + KoLeo, multi-crop, EMA teacher), fp32 on the CPU (bf16 is slower
-than fp32 on CPUs without AMX, see bench/train_step.py). At the bench's batch of 32 the trainer's small-batch regime
-applies (README, "Small batches"); ``small_batch.mode=never`` gives the official recipe. Results are printed, never
-asserted.
+than fp32 on CPUs without AMX, see bench/train_step.py). The official recipe runs by default;
+``small_batch.mode=auto`` turns on the trainer's small-batch regime at the bench's batch of 32 (README, "Small
+batches"). Results are printed, never asserted.
 """
 
 from __future__ import annotations

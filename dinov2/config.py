@@ -318,7 +318,7 @@ class SmallBatchConfig:
     above the threshold nothing changes, bit for bit. ``mode``: auto (on below the threshold) | always | never.
     """
 
-    mode: str = "auto"
+    mode: str = "never"  # opt-in until a full-length benchmark shows a kNN gain (README, "Small batches")
     below_total_batch: int = 1024
     teacher_temp: float = 0.02  # -> teacher.warmup_teacher_temp and teacher.teacher_temp (constant, no warm-up)
     centering: str = "keep"  # keep | centering | sinkhorn_knopp -> train.centering

@@ -70,8 +70,13 @@ def test_large_batch_model_has_the_official_state_dict_keys():
     assert not any("queue" in key for key in build_student_teacher(cfg).state_dict())
 
 
+def test_regime_is_opt_in_by_default():
+    _, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=8"]), 1)
+    assert regime.name != "small_batch"
+
+
 def test_small_total_batch_resolves_to_the_small_batch_recipe():
-    cfg = load_config(None, ["train.batch_size_per_gpu=16", "train.grad_accum_steps=2"])
+    cfg = load_config(None, ["train.batch_size_per_gpu=16", "train.grad_accum_steps=2", "small_batch.mode=auto"])
     resolved, regime = resolve_regime(cfg, 2)
     assert regime.name == "small_batch" and regime.total_batch == 64
     assert resolved is not cfg and cfg.teacher.teacher_temp == 0.07  # the input is not modified
@@ -79,7 +84,8 @@ def test_small_total_batch_resolves_to_the_small_batch_recipe():
     assert resolved.train.centering == "centering" and resolved.dino.sinkhorn_queue_size == 0  # kept, no queue
     assert regime.changes == {"teacher.warmup_teacher_temp": (0.04, 0.02), "teacher.teacher_temp": (0.07, 0.02)}
     assert "small_batch" in regime.describe() and "teacher.teacher_temp=0.02 (was 0.07)" in regime.describe()
-    sk, _ = resolve_regime(load_config(None, ["train.batch_size_per_gpu=16", "train.centering=sinkhorn_knopp"]), 1)
+    sk_overrides = ["train.batch_size_per_gpu=16", "train.centering=sinkhorn_knopp", "small_batch.mode=auto"]
+    sk, _ = resolve_regime(load_config(None, sk_overrides), 1)
     assert sk.train.centering == "sinkhorn_knopp" and sk.dino.sinkhorn_queue_size == 2048  # SK gets its queue
 
 
@@ -88,11 +94,11 @@ def test_regime_is_overridable_by_config_keys():
     assert regime.name == "official" and never.teacher.teacher_temp == 0.07
     always, regime = resolve_regime(load_config(None, ["small_batch.mode=always"]), 32)
     assert regime.name == "small_batch" and always.teacher.teacher_temp == 0.02
-    overrides = ["small_batch.teacher_temp=0.05", "small_batch.sinkhorn_queue_size=64",
+    overrides = ["small_batch.mode=auto", "small_batch.teacher_temp=0.05", "small_batch.sinkhorn_queue_size=64",
                  "small_batch.below_total_batch=4096", "train.batch_size_per_gpu=64", "train.centering=sinkhorn_knopp"]
     tuned, _ = resolve_regime(load_config(None, overrides), 32)
     assert tuned.teacher.teacher_temp == 0.05 and tuned.dino.sinkhorn_queue_size == 64
-    sk, _ = resolve_regime(load_config(None, ["small_batch.centering=sinkhorn_knopp"]), 1)
+    sk, _ = resolve_regime(load_config(None, ["small_batch.mode=auto", "small_batch.centering=sinkhorn_knopp"]), 1)
     assert sk.train.centering == "sinkhorn_knopp" and sk.dino.sinkhorn_queue_size == 2048
 
 
@@ -136,7 +142,8 @@ def test_queue_is_saved_and_restored_with_the_model():
 
 def test_small_batch_run_with_queue_resumes_bitwise(image_folder, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    extra = ("small_batch.centering=sinkhorn_knopp", "small_batch.sinkhorn_queue_size=20", "train.checkpoint_period=3")
+    extra = ("small_batch.mode=auto", "small_batch.centering=sinkhorn_knopp", "small_batch.sinkhorn_queue_size=20",
+             "train.checkpoint_period=3")
     full = train(load_config(None, tiny(image_folder, straight, 6, *extra)), DistEnv())
     first = train(load_config(None, tiny(image_folder, split, 3, *extra)), DistEnv())
     with dinov2_log() as log:
