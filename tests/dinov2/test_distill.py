@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +227,56 @@ def test_518_phase_on_a_distilled_student(image_folder, distilled, tmp_path):
         assert torch.equal(state[f"{role}.dino_head.mlp.0.weight"], exported["dino_head.mlp.0.weight"])
         key = "backbone.blocks.1.mlp.fc2.weight"
         assert torch.equal(state[f"{role}.{key}"], exported[key])
+
+
+WORKER = """
+import json, sys
+from dinov2.config import load_config
+from dinov2.distributed.env import DistEnv, destroy, init_distributed
+from dinov2.train.train import train
+
+env = init_distributed(DistEnv.from_environment())
+for overrides in json.loads(sys.argv[1]):
+    train(load_config(None, overrides), env)
+destroy(env)
+"""
+
+
+def launch_world_2(runs: list[list[str]]) -> None:
+    """Two processes joined through torchrun-style variables run ``train`` once per override list."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        environ = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(runs)], cwd=REPO, env=environ,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=400)[0] for proc in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+
+
+def test_world_2_ddp_fsdp_and_manual_all_reduce_agree(image_folder, teacher_run, tmp_path):
+    outs = {strategy: tmp_path / strategy for strategy in ("none", "ddp", "fsdp")}
+    students = "distillation.students=[{name: a, embed_dim: 32}, {name: b, embed_dim: 16, num_heads: 1}]"
+    launch_world_2([distill(image_folder, out, 3, teacher_run, f"train.strategy={strategy}", students,
+                            "optim.clip_grad=0.05") for strategy, out in outs.items()])
+    reference = metrics(outs["none"])
+    assert [r["iteration"] for r in reference] == [0, 1, 2]
+    assert all(r["grad_norm_a__backbone"] > 0.05 for r in reference)  # clipping is active: norms must be global
+    for strategy in ("ddp", "fsdp"):
+        rows = metrics(outs[strategy])
+        for key in ("total_loss", "a/ibot_loss", "b/total_loss", "grad_norm_b__dino_head"):
+            np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in reference], rtol=1e-4)
+    # the sharded checkpoints: every rank wrote its part; each student's EMA was exported from the gathered state
+    for out in outs.values():
+        assert (out / "checkpoints" / "iter_0000002" / "COMMITTED").is_file()
+        for name in ("a", "b"):
+            assert (out / "students" / name / "eval" / "training_2" / "teacher_checkpoint.pth").is_file()
+    exported = {s: torch.load(outs[s] / "students" / "b" / "eval" / "training_2" / "teacher_checkpoint.pth",
+                              weights_only=True)["teacher"] for s in outs}
+    for key, value in exported["none"].items():
+        torch.testing.assert_close(exported["fsdp"][key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(exported["ddp"][key], value, rtol=1e-4, atol=1e-6)
