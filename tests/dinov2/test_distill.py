@@ -106,10 +106,25 @@ def test_teacher_frozen_bitwise_and_gradients_reach_students_only(image_folder, 
     assert rows[0]["tflops"] > 0
 
 
-def test_resume_is_bitwise(image_folder, teacher_run, distilled, tmp_path):
-    train(load_config(None, distill(image_folder, tmp_path, 3, teacher_run)), DistEnv())
-    # the teacher path is no longer read on resume: the checkpoint holds the frozen teacher too
-    train(load_config(None, distill(image_folder, tmp_path, 6, teacher_run)), DistEnv())
+class StopAt:
+    """A preemption source (the SLURM handler's interface) that asks to stop after ``iteration``."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration, self.calls, self.requeued = iteration, 0, False
+
+    def should_stop(self, env: DistEnv) -> bool:
+        self.calls += 1
+        return self.calls == self.iteration + 1
+
+    def requeue(self, env: DistEnv) -> None:
+        self.requeued = True
+
+
+def test_preemption_then_resume_is_bitwise(image_folder, teacher_run, distilled, tmp_path):
+    stop = StopAt(1)  # not a checkpoint period: the preemption path saves
+    first = train(load_config(None, distill(image_folder, tmp_path, 6, teacher_run)), DistEnv(), preemption=stop)
+    assert first["stopped_for_preemption"] and first["iteration"] == 1 and stop.requeued
+    train(load_config(None, distill(image_folder, tmp_path, 6, teacher_run)), DistEnv())  # the requeued job
     assert [r["total_loss"] for r in metrics(tmp_path)] == [r["total_loss"] for r in metrics(distilled)]
     a, b = checkpoint(distilled, 5), checkpoint(tmp_path, 5)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -280,3 +295,21 @@ def test_world_2_ddp_fsdp_and_manual_all_reduce_agree(image_folder, teacher_run,
     for key, value in exported["none"].items():
         torch.testing.assert_close(exported["fsdp"][key], value, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(exported["ddp"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_step_is_skipped(image_folder, teacher_run, tmp_path, monkeypatch):
+    from dinov2.models.distillation import Distillation
+
+    original, snapshots = Distillation.forward, []
+
+    def forward(self, batch, teacher_temp):
+        snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
+        losses = original(self, batch, teacher_temp)
+        return {**losses, "total_loss": losses["total_loss"] * float("nan")} if len(snapshots) == 2 else losses
+
+    monkeypatch.setattr(Distillation, "forward", forward)
+    summary = train(load_config(None, distill(image_folder, tmp_path, 3, teacher_run)), DistEnv())
+    assert summary["skipped_steps"] == 1 and [r["iteration"] for r in metrics(tmp_path)] == [0, 2]
+    # students, EMAs, centers: the state entering iteration 2 is the one that entered the skipped iteration 1
+    assert all(torch.equal(snapshots[2][k], v) for k, v in snapshots[1].items())
+    assert not all(torch.equal(snapshots[1][k], v) for k, v in snapshots[0].items())
