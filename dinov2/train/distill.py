@@ -49,6 +49,7 @@ from dinov2.weights import extract_backbone
 logger = logging.getLogger("dinov2")
 
 HEAD_FIT_DIR = "teacher_heads"
+REPO = Path(__file__).resolve().parents[2]
 _HEADS = ("dino_head", "ibot_head")
 
 
@@ -164,6 +165,8 @@ def plan_distillation(cfg: TrainConfig, resume: bool, is_main: bool) -> Distilla
     """
     distillation = cfg.distillation
     config_path = teacher_config_path(distillation)
+    if not config_path.is_file() and not config_path.is_absolute() and (REPO / config_path).is_file():
+        config_path = REPO / config_path  # e.g. configs/train/vitg14.yaml from outside the repository
     if not config_path.is_file():
         raise ConfigError(f"distillation.full_cfg_path: {config_path} does not exist")
     teacher = load_config(config_path)

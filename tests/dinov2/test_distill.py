@@ -313,3 +313,15 @@ def test_nonfinite_step_is_skipped(image_folder, teacher_run, tmp_path, monkeypa
     # students, EMAs, centers: the state entering iteration 2 is the one that entered the skipped iteration 1
     assert all(torch.equal(snapshots[2][k], v) for k, v in snapshots[1].items())
     assert not all(torch.equal(snapshots[1][k], v) for k, v in snapshots[0].items())
+
+
+def test_vitg14_distillation_config_pairs(tmp_path):
+    from dinov2.train.distill import check_pairing
+
+    cfg = load_config(REPO / "configs" / "train" / "vits14_distill_vitg14.yaml",
+                      [f"distillation.checkpoint_path={tmp_path / 'dinov2_vitg14_pretrain.pth'}"])
+    teacher = load_config(REPO / cfg.distillation.full_cfg_path)
+    students = cfg.distillation.student_configs(cfg.student)
+    assert {n: s.arch for n, s in students.items()} == {"vits14": "vit_small", "vitb14": "vit_base"}
+    assert teacher.student.arch == "vit_giant2" and all(s.patch_size == 14 for s in students.values())
+    check_pairing(cfg, teacher, students)  # raises on any mismatch
