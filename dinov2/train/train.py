@@ -2,7 +2,9 @@
 
 ``train(cfg, env)`` reads top to bottom: schedules, forward and loss, backward, clipping, the non-finite guard, the
 optimizer step, the EMA teacher, metrics, checkpoint and export. The command line is ``python -m dinov2.train``
-(``dinov2.run.cli``).
+(``dinov2.run.cli``). With ``distillation.enabled`` the same loop trains students against a frozen teacher: the
+model is then :class:`~dinov2.models.distillation.Distillation`, whose ``teacher`` holds the students' EMAs
+(``dinov2.train.distill`` resolves the teacher and exports one model per student).
 
 This module is where the config is unpacked: every builder it calls takes only the sections or values it reads, and
 derived values (the scaled lr, the resolved device and parallel strategy) are computed here once and passed in.
