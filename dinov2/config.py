@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.io.atomic import write_text_atomic
 from dinov2.io.yaml_config import ConfigError, load_typed_config
