@@ -48,13 +48,18 @@ STUDENT = ["student.embed_dim=64", "student.depth=4", "student.num_heads=2"]
 
 
 def run(overrides: list[str], out: Path) -> float:
-    """Train (resuming a finished run is a no-op) and return the training wall time in seconds."""
+    """Train and return the training wall time in seconds (a finished run in ``--workdir`` is reused with the time
+    it took, kept in ``wall_s``)."""
+    if (out / "wall_s").is_file():
+        return float((out / "wall_s").read_text())
     cfg = load_config(None, overrides)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")  # what python -m dinov2.train writes; distillation reads the teacher's
     start = time.perf_counter()
     train(cfg, DistEnv())
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    (out / "wall_s").write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def newest_export(folder: Path) -> Path:
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-iters", type=int, default=300)
     parser.add_argument("--distill-iters", type=int, default=300)
+    parser.add_argument("--ssl-iters", type=int, default=0, help="from-scratch iterations (default: as many as fit "
+                        "in the distillation's wall time, measured)")
     parser.add_argument("--workdir", default="", help="keep data and runs here (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         distill_s = run(distill_overrides, distill_dir)
 
         rate = iterations_per_second(root, 12)
-        ssl_iters = max(20, round(distill_s * rate))
+        ssl_iters = args.ssl_iters or max(20, round(distill_s * rate))
         ssl_dir = root / "scratch"
         ssl_s = run(training_overrides(root / "ssl", ssl_dir, ssl_iters) + STUDENT, ssl_dir)
 
