@@ -10,11 +10,13 @@ curation CLI). An unknown key or a value of the wrong type is a one-line :class:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+import re
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.io.atomic import write_text_atomic
 from dinov2.io.yaml_config import ConfigError, load_typed_config
@@ -24,6 +26,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "trai
 DTYPES = ("fp32", "fp16", "bf16")
 SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
 PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")  # train.strategy, see dinov2/distributed/parallel.py
+# the names dinov2.models.registry builds (an official "_memeff" suffix is accepted); tests keep the two in step
+BACKBONE_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2", "vit_custom")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -232,6 +236,7 @@ class StudentConfig:
     num_heads: int = 6
 
     def validate(self) -> None:
+        _check_choice("student.arch", self.arch.removesuffix("_memeff"), BACKBONE_ARCHS)
         _check_positive("student.patch_size", self.patch_size)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"student.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
@@ -345,6 +350,85 @@ class EvaluationConfig:
         _check_positive("evaluation.eval_period_iterations", self.eval_period_iterations)
 
 
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*$")  # no "__": it separates name and part in the model
+
+
+@dataclass
+class DistillationConfig:
+    """Distillation of a frozen pretrained teacher into smaller students (DINOv2 paper, "Distillation of pretrained
+    features"; key names as the official DINOv3 ``distillation`` section). See ``dinov2/train/distill.py``.
+
+    With ``enabled``, the ``student`` section (or each ``students`` entry) is a model trained from scratch against
+    the frozen teacher with the same DINO + iBOT + KoLeo objective; ``dino``/``ibot`` describe the students' heads
+    and loss weights (their prototype counts must equal the teacher's).
+    """
+
+    enabled: bool = False
+    # the teacher's training config (its student/dino/ibot sections give the teacher's backbone and heads); "" reads
+    # config.yaml of the run that checkpoint_path lies in (e.g. configs/train/vitg14.yaml for the released ViT-g)
+    full_cfg_path: str = ""
+    # the teacher's weights: a run dir (newest checkpoint), a checkpoint, an official teacher_checkpoint.pth, or a
+    # backbone file in any layout dinov2.weights reads (released backbones: heads are fitted first, below)
+    checkpoint_path: str = ""
+    # ours: iterations of the head-only run that fits DINO/iBOT heads on a frozen teacher backbone without heads
+    head_fit_iters: int = 1000
+    # ours: several students from one teacher forward per batch: [{name: vits14, arch: vit_small, ...}], each entry
+    # overriding keys of the student section; empty: one student, the student section itself, named "student"
+    students: list[dict[str, Any]] = field(default_factory=list)
+
+    def student_configs(self, base: StudentConfig) -> dict[str, StudentConfig]:
+        """Name -> the student's architecture: ``base`` with the entry's keys replaced (validated).
+
+        Raises:
+            ConfigError: a missing, malformed or repeated name, an unknown key, or an invalid value.
+        """
+        if not self.students:
+            return {"student": base}
+        known = {f.name for f in fields(StudentConfig)}
+        out: dict[str, StudentConfig] = {}
+        for index, entry in enumerate(self.students):
+            prefix = f"distillation.students[{index}]"
+            name = str(entry.get("name", ""))
+            if not STUDENT_NAME.match(name):
+                raise ConfigError(f"{prefix}.name: {name!r} must be letters/digits joined by single '-' or '_'")
+            if name in out:
+                raise ConfigError(f"{prefix}.name: {name!r} is used twice")
+            unknown = sorted(set(entry) - known - {"name"})
+            if unknown:
+                raise ConfigError(f"unknown config key '{prefix}.{unknown[0]}' (a student section key was expected)")
+            overrides = {k: v for k, v in entry.items() if k != "name"}
+            try:
+                merged = OmegaConf.merge(OmegaConf.structured(base), overrides)
+                student = replace(base, **OmegaConf.to_container(merged))
+                student.validate()
+            except OmegaConfBaseException as error:
+                raise ConfigError(f"bad value in {prefix} ({name}): {str(error).strip().splitlines()[0]}") from None
+            except ConfigError as error:
+                raise ConfigError(str(error).replace("student.", f"{prefix}.", 1)) from None
+            out[name] = student
+        return out
+
+    def validate(self, cfg: TrainConfig) -> None:
+        if not self.enabled:
+            return
+        if not self.checkpoint_path:
+            raise ConfigError("distillation.checkpoint_path: the teacher's weights are required when enabled")
+        _check_positive("distillation.head_fit_iters", self.head_fit_iters, allow_zero=True)
+        for key, value in (("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS), ("student.pretrained_weights",
+                           cfg.student.pretrained_weights), ("train.init_from", cfg.train.init_from)):
+            if value:
+                raise ConfigError(f"{key}: not used in distillation (students start from scratch); leave it empty")
+        if cfg.train.head_warmup_iters:
+            raise ConfigError("train.head_warmup_iters: not used in distillation; the teacher's heads are fitted "
+                              "by distillation.head_fit_iters")
+        for name, student in self.student_configs(cfg.student).items():
+            for key in ("global_crops_size", "local_crops_size"):
+                size = getattr(cfg.crops, key)
+                if size % student.patch_size:
+                    raise ConfigError(f"crops.{key}: {size} is not a multiple of student {name}'s patch_size "
+                                      f"{student.patch_size}")
+
+
 @dataclass
 class TrainConfig:
     MODEL: ModelWeightsConfig = field(default_factory=ModelWeightsConfig)
@@ -358,6 +442,7 @@ class TrainConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     small_batch: SmallBatchConfig = field(default_factory=SmallBatchConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -378,11 +463,13 @@ class TrainConfig:
         _check_range("ibot.mask_ratio_min_max", self.ibot.mask_ratio_min_max)
         if self.train.init_from and (self.MODEL.WEIGHTS or self.student.pretrained_weights):
             raise ConfigError("train.init_from: set either it or MODEL.WEIGHTS / student.pretrained_weights, not both")
-        for key in ("global_crops_size", "local_crops_size"):
+        # with a students list the student section is only the base their entries override (checked per student)
+        for key in ("global_crops_size", "local_crops_size") if not self.distillation.students else ():
             size = getattr(self.crops, key)
             if size % self.student.patch_size:
                 patch = self.student.patch_size
                 raise ConfigError(f"crops.{key}: {size} is not a multiple of student.patch_size={patch}")
+        self.distillation.validate(self)
 
     @property
     def max_iter(self) -> int:

@@ -33,6 +33,7 @@ from torch import nn
 from dinov2.config import ComputePrecisionConfig, ConfigError, ModulePrecisionConfig, StudentPrecisionConfig
 from dinov2.distributed.env import DistEnv
 from dinov2.layers import Block
+from dinov2.models.distillation import split_key
 from dinov2.models.student_teacher import StudentTeacher
 
 logger = logging.getLogger("dinov2")
@@ -89,22 +90,28 @@ def computes_in_fp16(model: StudentTeacher, precision: StudentPrecisionConfig, d
     """
     if device.type != "cuda" or not is_sharded(model):
         return False
-    return any(getattr(precision, name).mixed_precision.param_dtype == "fp16" for name in model.student)
+    return any(getattr(precision, split_key(name)[1]).mixed_precision.param_dtype == "fp16" for name in model.student)
+
+
+def _roles(model: nn.Module) -> tuple[str, ...]:
+    """The module dicts to shard: student and (EMA) teacher, plus a distillation run's frozen teacher."""
+    return ("student", "teacher", "frozen_teacher") if hasattr(model, "frozen_teacher") else ("student", "teacher")
 
 
 def shard_student_teacher(model: StudentTeacher, precision: ComputePrecisionConfig, device: torch.device) -> None:
     """Applies FSDP2 in place: each ``Block``, then each backbone and head root, of the student and the teacher,
-    with the mixed precision and resharding of ``precision.<role>.<module>``."""
+    with the mixed precision and resharding of ``precision.<role>.<module>`` (a distillation run's frozen teacher
+    takes the teacher's; a distillation key ``<student>__dino_head`` reads ``<role>.dino_head``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for role in ("student", "teacher"):
-        role_precision = getattr(precision, role)
+    for role in _roles(model):
+        role_precision = getattr(precision, "student" if role == "student" else "teacher")
         for name, module in getattr(model, role).items():
-            module_precision: ModulePrecisionConfig = getattr(role_precision, name)
-            # The teacher never runs backward, so only a resharding forward returns it to local shards for the EMA.
-            reshard = True if role == "teacher" else _RESHARD_AFTER_FORWARD[module_precision.sharding_strategy]
+            module_precision: ModulePrecisionConfig = getattr(role_precision, split_key(name)[1])
+            # Teachers never run backward, so only a resharding forward returns them to local shards for the EMA.
+            reshard = True if role != "student" else _RESHARD_AFTER_FORWARD[module_precision.sharding_strategy]
             policy = _precision_policy(module_precision, device)
             for block in [m for m in module.modules() if isinstance(m, Block)]:
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
@@ -139,9 +146,10 @@ def reshard_teacher(model: StudentTeacher) -> None:
     """Frees gathered teacher weights (FSDP2 keeps a root module's weights gathered after forward)."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in model.teacher.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for role in _roles(model)[1:]:
+        for module in getattr(model, role).modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 @torch.no_grad()

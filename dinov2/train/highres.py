@@ -6,6 +6,8 @@ holds no checkpoint of its own, so resuming inside the phase is plain resume. ``
 
 - a finished run's output directory: its newest committed checkpoint (single-file or sharded DCP);
 - one checkpoint: an ``iter_*`` directory or its ``state.pth``;
+- an official-layout ``teacher_checkpoint.pth`` with heads (the official trainer's and our exports, e.g. a distilled
+  student's): both roles start from its one model, heads included; loss centers restart from their initial value;
 - a backbone file in any layout :mod:`dinov2.weights` reads (official hub release, timm, HF, our exports). It has no
   heads, so it needs ``train.init_heads=fresh``.
 
@@ -38,11 +40,14 @@ from dinov2.config import TrainSection
 from dinov2.models.student_teacher import StudentTeacher
 from dinov2.train.checkpoint import STATE_FILE, list_valid_checkpoints
 from dinov2.weights import extract_backbone, load_into, read_weights, resize_pos_embed
+from dinov2.weights.formats import strip_wrappers
 
 logger = logging.getLogger("dinov2")
 
 _DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes into a sharded checkpoint directory
 _ROLES = ("student", "teacher")
+_HEADS = ("dino_head.", "ibot_head.")
+_CENTERS = ("dino_loss.", "ibot_patch_loss.")
 
 
 def resolve_init_source(init_from: str | Path) -> Path:
@@ -85,6 +90,12 @@ def read_model_state(source: Path) -> dict[str, torch.Tensor] | None:
     model = obj.get("model") if isinstance(obj, Mapping) else None
     if isinstance(model, Mapping) and any(k.startswith("student.backbone.") for k in model):
         return dict(model)
+    teacher = obj.get("teacher") if isinstance(obj, Mapping) else None
+    if isinstance(teacher, Mapping) and any(k.startswith(_HEADS) for k in teacher):
+        # official teacher_checkpoint.pth (also our exports): one model with heads, no loss centers; both roles
+        # start from it (the centers keep their initial value, see _load_heads)
+        teacher = strip_wrappers(teacher)
+        return {f"{role}.{k}": v for role in _ROLES for k, v in teacher.items()}
     return None
 
 
@@ -108,7 +119,7 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def _load_backbone(backbone: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def load_backbone_resampled(backbone: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Strict load of a canonical backbone state dict, with ``pos_embed`` resampled to ``backbone``'s grid."""
     own = backbone.state_dict()["pos_embed"]
     if state["pos_embed"].shape != own.shape:
@@ -127,6 +138,9 @@ def _load_heads(model: StudentTeacher, state: Mapping[str, torch.Tensor], source
     wanted = {k: v for k, v in model.state_dict().items() if not is_backbone(k)}
     given = {k: v for k, v in state.items() if not is_backbone(k)}
     missing = sorted(set(wanted) - set(given))
+    if not any(k.startswith(_CENTERS) for k in given):  # a teacher_checkpoint.pth: no centers to carry over
+        missing = [k for k in missing if not k.startswith(_CENTERS)]
+        logger.info("train.init_from: %s holds no loss centers; they start from their initial value", source)
     unexpected = sorted(set(given) - set(wanted))
     mismatched = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
                   if k in given and given[k].shape != v.shape]
@@ -166,10 +180,10 @@ def init_phase_from(model: StudentTeacher, train: TrainSection, resume: bool = T
             )
         backbone = extract_backbone(read_weights(source))
         for role in _ROLES:
-            _load_backbone(getattr(model, role)["backbone"], backbone)
+            load_backbone_resampled(getattr(model, role)["backbone"], backbone)
     else:
         for role in _ROLES:
-            _load_backbone(getattr(model, role)["backbone"], extract_backbone({"model": state}, role))
+            load_backbone_resampled(getattr(model, role)["backbone"], extract_backbone({"model": state}, role))
         if train.init_heads == "checkpoint":
             _load_heads(model, state, source)
     logger.info("phase initialised from %s (heads: %s, head-only warm-up: %d iterations)", source,
@@ -208,5 +222,5 @@ def update_teacher_heads(model: StudentTeacher, momentum: float) -> None:
         torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
 
-__all__ = ["freeze_backbone_grads", "init_phase_from", "read_model_state", "resolve_init_source",
-           "update_teacher_heads"]
+__all__ = ["freeze_backbone_grads", "init_phase_from", "load_backbone_resampled", "read_model_state",
+           "resolve_init_source", "update_teacher_heads"]

@@ -2,7 +2,9 @@
 
 ``train(cfg, env)`` reads top to bottom: schedules, forward and loss, backward, clipping, the non-finite guard, the
 optimizer step, the EMA teacher, metrics, checkpoint and export. The command line is ``python -m dinov2.train``
-(``dinov2.run.cli``).
+(``dinov2.run.cli``). With ``distillation.enabled`` the same loop trains students against a frozen teacher: the
+model is then :class:`~dinov2.models.distillation.Distillation`, whose ``teacher`` holds the students' EMAs
+(``dinov2.train.distill`` resolves the teacher and exports one model per student).
 
 This module is where the config is unpacked: every builder it calls takes only the sections or values it reads, and
 derived values (the scaled lr, the resolved device and parallel strategy) are computed here once and passed in.
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2.config import ConfigError, CropsConfig, StudentConfig, TrainConfig, scaled_lr, total_batch_size
+from dinov2.config import ConfigError, CropsConfig, TrainConfig, scaled_lr, total_batch_size
 from dinov2.data import build_train_loader, split_micro_batches
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
@@ -36,6 +38,8 @@ from dinov2.train.checkpoint import (
 )
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.collapse import describe as describe_collapse
+from dinov2.train.distill import build_distillation, ema_backbones, ema_exports, plan_distillation
+from dinov2.train.distill import flops_per_image as distillation_flops_per_image
 from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
 from dinov2.train.metrics import MetricLogger, count_forward_flops
 from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups
@@ -155,16 +159,21 @@ def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, ite
     return folder
 
 
-def knn_backbone(model: StudentTeacher, teacher_state: dict[str, torch.Tensor], student: StudentConfig,
-                 img_size: int, device: torch.device, sharded: bool) -> torch.nn.Module:
-    """The teacher backbone for rank 0's kNN check: the live module, or an unsharded copy under FSDP (a sharded
-    forward on one rank would wait forever for the others), built from ``student`` at ``img_size``."""
+def knn_backbones(model: torch.nn.Module, exports: dict[Path, dict[str, torch.Tensor]], cfg: TrainConfig,
+                  device: torch.device, sharded: bool) -> dict[str, torch.nn.Module]:
+    """The EMA backbones for rank 0's kNN check by student name ("" without distillation): the live modules, or
+    unsharded copies under FSDP (a sharded forward on one rank would wait forever for the others)."""
+    live = ema_backbones(model)
     if not sharded:
-        return model.teacher["backbone"]
-    _, backbone = build_backbones(student, img_size)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher_state.items()
-                              if k.startswith("backbone.")})
-    return backbone.to(device).eval()
+        return live
+    copies = {}
+    for name, state in zip(live, exports.values()):
+        student = cfg.distillation.student_configs(cfg.student)[name] if name else cfg.student
+        _, backbone = build_backbones(student, cfg.crops.global_crops_size)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                  if k.startswith("backbone.")})
+        copies[name] = backbone.to(device).eval()
+    return copies
 
 
 def accumulate_gradients(forward_model: torch.nn.Module, model: StudentTeacher, batch: dict, n: int,
@@ -216,13 +225,24 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     autocast_dtype = resolve_autocast_dtype(cfg.train.autocast_dtype, device)
     use_autocast = autocast_dtype != torch.float32
 
+    # distillation: resolve the frozen teacher; one without heads first gets them from a head-fitting run
+    if cfg.distillation.enabled and cfg.train.grad_accum_steps > 1:
+        # Accumulation splits the teacher pass from the student losses; the distillation model has no such split yet.
+        raise ConfigError("train.grad_accum_steps > 1 is not supported with distillation.enabled yet")
+    plan = plan_distillation(cfg, resume, env.is_main) if cfg.distillation.enabled else None
+    if plan is not None and plan.head_fit is not None:
+        fitted = train(plan.head_fit, env, resume, preemption)
+        if fitted["stopped_for_preemption"]:
+            return fitted
+
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights without a broadcast
-    model = build_student_teacher(cfg).to(device)
+    model = (build_distillation(cfg, plan) if plan is not None else build_student_teacher(cfg)).to(device)
     load_initial_weights(model, cfg.student.pretrained_weights)
     init_phase_from(model, cfg.train, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
     model.train()
     # Counted on rank 0 alone, so before sharding turns every forward into a collective.
-    image_flops = flops_per_image(model, cfg.crops, device) if env.is_main else 0.0
+    count_flops = distillation_flops_per_image if plan is not None else flops_per_image
+    image_flops = count_flops(model, cfg.crops, device) if env.is_main else 0.0
     checkpoint_dir = latest_checkpoint(output_dir) if resume else None
     if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
         weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
@@ -392,13 +412,16 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         gather = export_now and (sharded or env.is_main)  # a collective under FSDP, rank 0's business otherwise
         teacher_state = gather_teacher_state(model, sharded) if gather else {}
         if env.is_main and export_now:
-            export_teacher(teacher_state, output_dir, iteration, spec_of_module(model.teacher["backbone"]))
+            exports = ema_exports(model, teacher_state, output_dir)  # distillation: one per student
+            for (folder, state), backbone in zip(exports.items(), ema_backbones(model).values()):
+                export_teacher(state, folder, iteration, spec_of_module(backbone))
             if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
-                backbone = knn_backbone(model, teacher_state, cfg.student, cfg.crops.global_crops_size, device, sharded)
-                knn = evaluate_knn(backbone, cfg.evaluation.knn_train_dataset, cfg.evaluation.knn_val_dataset,
-                                   image_size=cfg.crops.global_crops_size)
-                logger.info("kNN top-1 at iteration %d: %s", iteration, knn["top1"])
-                metrics.update(iteration, {f"knn_top1_k{k}": v for k, v in knn["top1"].items()})
+                for name, backbone in knn_backbones(model, exports, cfg, device, sharded).items():
+                    knn = evaluate_knn(backbone, cfg.evaluation.knn_train_dataset,
+                                       cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
+                    logger.info("kNN top-1 at iteration %d %s: %s", iteration, name, knn["top1"])
+                    prefix = f"{name}/" if name else ""
+                    metrics.update(iteration, {f"{prefix}knn_top1_k{k}": v for k, v in knn["top1"].items()})
         if stopped:
             logger.info("preemption requested: saved at iteration %d, requeueing", iteration)
             metrics.close()  # under SLURM requeue() never returns
