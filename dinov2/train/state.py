@@ -45,7 +45,9 @@ def save_training_state(model, optimizer, scaler, iteration: int, images_skipped
         output_dir: the run's directory (``train.output_dir``); checkpoints go to its ``checkpoints/``.
         max_to_keep: periodic checkpoints retained (``train.max_to_keep``).
     """
-    backbone_spec = spec_of_module(model.teacher["backbone"]).to_record()
+    # a distillation checkpoint holds several students (keys <name>__backbone): each student's export records its own
+    record = {"backbone_spec": spec_of_module(model.teacher["backbone"]).to_record()} if "backbone" in model.teacher \
+        else {}
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -57,7 +59,7 @@ def save_training_state(model, optimizer, scaler, iteration: int, images_skipped
             "loader": {"next_batch": iteration + 1},  # the global batch index: valid at any world size
             "images_skipped": images_skipped,
             "scaler": scaler.state_dict() if scaler is not None else {},
-            "backbone_spec": backbone_spec,
+            **record,
         }
         save_sharded_checkpoint(output_dir, iteration, {"model": model_state, "optimizer": optimizer_state},
                                 extras, env.rank, max_to_keep)
@@ -70,7 +72,7 @@ def save_training_state(model, optimizer, scaler, iteration: int, images_skipped
         "rng": capture_rng_state(),
         "loader": {"next_batch": iteration + 1},
         "images_skipped": images_skipped,
-        "backbone_spec": backbone_spec,
+        **record,
     }
     save_checkpoint(output_dir, iteration, state, max_to_keep)
 
