@@ -33,10 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import IMAGE_PX, mcnemar_p, training_overrides, write_photos  # noqa: E402
-
+from bench.learning import IMAGE_PX, mcnemar_p, training_overrides, write_photos  # noqa: E402
 from dinov2.config import load_config, save_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
