@@ -421,6 +421,9 @@ class DistillationConfig:
         if cfg.train.head_warmup_iters:
             raise ConfigError("train.head_warmup_iters: not used in distillation; the teacher's heads are fitted "
                               "by distillation.head_fit_iters")
+        if cfg.train.grad_accum_steps > 1:
+            # Accumulation splits the teacher pass from the student losses; the distillation model has no such split.
+            raise ConfigError("train.grad_accum_steps: > 1 is not supported with distillation.enabled yet")
         for name, student in self.student_configs(cfg.student).items():
             for key in ("global_crops_size", "local_crops_size"):
                 size = getattr(cfg.crops, key)

@@ -226,9 +226,6 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     use_autocast = autocast_dtype != torch.float32
 
     # distillation: resolve the frozen teacher; one without heads first gets them from a head-fitting run
-    if cfg.distillation.enabled and cfg.train.grad_accum_steps > 1:
-        # Accumulation splits the teacher pass from the student losses; the distillation model has no such split yet.
-        raise ConfigError("train.grad_accum_steps > 1 is not supported with distillation.enabled yet")
     plan = plan_distillation(cfg, resume, env.is_main) if cfg.distillation.enabled else None
     if plan is not None and plan.head_fit is not None:
         fitted = train(plan.head_fit, env, resume, preemption)

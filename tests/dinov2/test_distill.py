@@ -211,6 +211,8 @@ def test_incompatible_pairings_are_one_line_errors(image_folder, teacher_run, tm
         load_config(None, ["student.arch=vit_tiny"])
     with pytest.raises(ConfigError, match="train.init_from"):
         load_config(None, distill(image_folder, tmp_path, 1, teacher_run, "train.init_from=x"))
+    with pytest.raises(ConfigError, match="train.grad_accum_steps"):
+        load_config(None, distill(image_folder, tmp_path, 1, teacher_run, "train.grad_accum_steps=2"))
     # the command line: exit status 2 and one line
     overrides = [o for o in distill(image_folder, tmp_path, 1, teacher_run, "student.patch_size=4")
                  if not o.startswith("train.output_dir")]
