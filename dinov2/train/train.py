@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinov2.config import ConfigError, CropsConfig, TrainConfig, scaled_lr, total_batch_size
+from dinov2.config import ConfigError, CropsConfig, StudentConfig, TrainConfig, scaled_lr, total_batch_size
 from dinov2.data import build_train_loader, split_micro_batches
 from dinov2.distributed import parallel
 from dinov2.distributed.env import DistEnv
@@ -159,17 +159,18 @@ def export_teacher(teacher_state: dict[str, torch.Tensor], output_dir: Path, ite
     return folder
 
 
-def knn_backbones(model: torch.nn.Module, exports: dict[Path, dict[str, torch.Tensor]], cfg: TrainConfig,
-                  device: torch.device, sharded: bool) -> dict[str, torch.nn.Module]:
+def knn_backbones(model: torch.nn.Module, exports: dict[Path, dict[str, torch.Tensor]],
+                  students: dict[str, StudentConfig], img_size: int, device: torch.device,
+                  sharded: bool) -> dict[str, torch.nn.Module]:
     """The EMA backbones for rank 0's kNN check by student name ("" without distillation): the live modules, or
-    unsharded copies under FSDP (a sharded forward on one rank would wait forever for the others)."""
+    unsharded copies under FSDP (a sharded forward on one rank would wait forever for the others), built from
+    ``students`` (the student section by the same names) at ``img_size``."""
     live = ema_backbones(model)
     if not sharded:
         return live
     copies = {}
     for name, state in zip(live, exports.values()):
-        student = cfg.distillation.student_configs(cfg.student)[name] if name else cfg.student
-        _, backbone = build_backbones(student, cfg.crops.global_crops_size)
+        _, backbone = build_backbones(students[name], img_size)
         backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
                                   if k.startswith("backbone.")})
         copies[name] = backbone.to(device).eval()
@@ -413,7 +414,10 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
             for (folder, state), backbone in zip(exports.items(), ema_backbones(model).values()):
                 export_teacher(state, folder, iteration, spec_of_module(backbone))
             if cfg.evaluation.knn_train_dataset and cfg.evaluation.knn_val_dataset:
-                for name, backbone in knn_backbones(model, exports, cfg, device, sharded).items():
+                students = (cfg.distillation.student_configs(cfg.student) if cfg.distillation.enabled
+                            else {"": cfg.student})
+                backbones = knn_backbones(model, exports, students, cfg.crops.global_crops_size, device, sharded)
+                for name, backbone in backbones.items():
                     knn = evaluate_knn(backbone, cfg.evaluation.knn_train_dataset,
                                        cfg.evaluation.knn_val_dataset, image_size=cfg.crops.global_crops_size)
                     logger.info("kNN top-1 at iteration %d %s: %s", iteration, name, knn["top1"])
