@@ -37,6 +37,33 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
 
 
+def npy_file(x: np.ndarray) -> str | None:
+    """The .npy file `x` memory-maps in full (as `np.load(path, mmap_mode="r")` returns it), else None.
+
+    Lets a global stage hand SLURM array tasks a file name instead of pickling the array; a slice or a view of a
+    memmap maps only part of its file and gets None.
+    """
+    name = getattr(x, "filename", None)
+    if not isinstance(x, np.memmap) or not name or x.dtype.hasobject or not Path(name).is_file():
+        return None
+    try:
+        whole = np.load(name, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    same = (whole.shape, whole.dtype, whole.offset, whole.strides) == (x.shape, x.dtype, x.offset, x.strides)
+    return str(name) if same else None
+
+
+def array_ref(x: np.ndarray) -> str | np.ndarray:
+    """What a SLURM array task is given to read `x`: its .npy file when `x` maps one in full, else `x` itself."""
+    return npy_file(x) or x
+
+
+def open_array_ref(ref: str | np.ndarray) -> np.ndarray:
+    """The array an `array_ref` names (a read-only memmap for a file)."""
+    return np.load(ref, mmap_mode="r") if isinstance(ref, str) else ref
+
+
 def read_table(path: Path) -> pa.Table:
     """Read a Parquet table written by this package."""
     return pq.read_table(path)

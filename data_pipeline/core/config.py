@@ -192,6 +192,7 @@ class CopyDedupConfig:
     giant_fraction: float = 0.01
     giant_min_size: int = 32
     giant_action: str = "split"
+    slice_rows: int = 65_536  # query rows per kNN slice (one SLURM array task each); decontaminate slices so too
 
     def __post_init__(self) -> None:
         if self.device not in FAISS_DEVICES:
@@ -205,7 +206,7 @@ class CopyDedupConfig:
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"copy_dedup.threshold must be a cosine in [-1, 1], got {self.threshold}")
         _at_least("copy_dedup", 1, flat_max=self.flat_max, nprobe=self.nprobe, pq_m=self.pq_m, rerank=self.rerank,
-                  threads=self.threads)
+                  threads=self.threads, slice_rows=self.slice_rows)
         _at_least("copy_dedup", 0, nlist=self.nlist, recall_sample=self.recall_sample, audit_pairs=self.audit_pairs)
 
 
@@ -244,6 +245,9 @@ class KMeansConfig:
     max_points_per_centroid: int = 256
     threads: int = 2
     device: str = "auto"  # k-means assignment on faiss GPUs when present (auto), or cpu / gpu
+    # Points per assignment slice (one SLURM array task each). Slice sums are reduced in slice order, so the result
+    # depends on this value but not on where the slices ran; a multiple of 65536 keeps faiss' search blocks aligned.
+    slice_rows: int = 262_144
 
     def __post_init__(self) -> None:
         if self.device not in FAISS_DEVICES:
@@ -256,7 +260,7 @@ class KMeansConfig:
             raise ValueError("cluster.n_clusters, cluster.iterations and cluster.levels must be >= 1")
         if min(self.resample_steps, self.resample_size, self.balanced_size, self.max_points_per_centroid) < 0:
             raise ValueError("cluster.resample_*, balanced_size and max_points_per_centroid must be >= 0")
-        _at_least("cluster", 1, threads=self.threads)
+        _at_least("cluster", 1, threads=self.threads, slice_rows=self.slice_rows)
 
 
 @dataclass

@@ -4,11 +4,18 @@
 Both share one signature, `run(tasks, desc) -> failed shard ids`, and the same worker code, so their outputs are
 byte-identical. A worker that dies or hangs never takes a stage down: its shard is re-run alone, then item by item,
 and the culprit item gets a reject reason instead of a result.
+
+Global stages (kNN graph, decontamination search, k-means) split their work into `SliceTask`s instead: slices of
+query rows or points against state every slice reads from disk (a trained index, the current centroids). `run_slices`
+runs the slices whose output file is missing, in this process or as one SLURM job array through the same
+`submit_array`; each slice writes its own output atomically, so the caller's reduction reads the same files, in the
+same order, whichever way they were computed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import resource
 import time
@@ -27,6 +34,7 @@ from dinov2.run.slurm import ClusterConfig, load_cluster_config, submit_array
 
 # Test hook: seconds each shard sleeps before its part is written (lets the kill-and-resume test land mid-stage).
 SLEEP_ENV = "DATA_PIPELINE_SHARD_SLEEP_S"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,6 +213,115 @@ class SlurmExecutor:
                     retry.append(retry_group)
             groups = retry
         return sorted(t.shard for g in groups for t in g)
+
+
+class SliceFailure(RuntimeError):
+    """Slices of a global stage still failed after `executor.max_retries` retries (nothing is committed)."""
+
+
+@dataclass(frozen=True)
+class SliceTask:
+    """One slice of a global stage: `fn(*args, out_path)` computes it and writes `out_path` atomically.
+
+    `fn` and `args` are pickled into a SLURM array task, so `fn` must be a module-level function and `args` should
+    name files rather than carry large arrays.
+    """
+
+    index: int
+    fn: Callable[..., None]
+    args: tuple
+    out_path: str
+
+
+def run_slice(task: SliceTask) -> bool:
+    """Body of one slice, here or in an array task: skipped when its output exists; True once the output is there."""
+    if not Path(task.out_path).is_file():
+        task.fn(*task.args, task.out_path)
+    return Path(task.out_path).is_file()
+
+
+def _run_slices_here(tasks: list[SliceTask], max_retries: int, desc: str) -> list[SliceTask]:
+    """In-process, one slice after the other (each slice already uses the threads its stage configures). An error
+    in the last try propagates with its traceback: in-process, it is the caller's own bug or environment."""
+    pending = list(tasks)
+    for attempt in range(max_retries + 1):
+        failed = []
+        for task in tqdm(pending, desc=desc, unit="slice", dynamic_ncols=True, disable=len(pending) < 2):
+            try:
+                if not run_slice(task):
+                    failed.append(task)
+            except Exception as exc:
+                if attempt == max_retries:
+                    raise
+                log.warning("%s: slice %d failed (%s: %s); retrying", desc, task.index, type(exc).__name__, exc)
+                failed.append(task)
+        pending = failed
+        if not pending:
+            break
+    return pending
+
+
+def _run_slices_slurm(tasks: list[SliceTask], cfg: CurateConfig, folder: Path, desc: str) -> list[SliceTask]:
+    """One job array of the pending slices per round; a slice whose task died or left no output is resubmitted."""
+    cluster = cluster_settings(cfg.executor)
+    pending = list(tasks)
+    for _ in range(cfg.executor.max_retries + 1):
+        if not pending:
+            break
+        # A fresh folder per submission, as in SlurmExecutor: reused job ids must not find an older result pickle.
+        sub = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        jobs = submit_array(run_slice, [(t,) for t in pending], cluster, sub)
+        failed = []
+        for task, job in tqdm(list(zip(pending, jobs)), desc=f"{desc} (slurm)", unit="slice", dynamic_ncols=True):
+            try:
+                job.result()
+            except Exception:  # the task raised, or died (node failure, OOM kill): the output check below decides
+                pass
+            if not Path(task.out_path).is_file():
+                failed.append(task)
+        pending = failed
+    return pending
+
+
+def run_slices(tasks: list[SliceTask], cfg: CurateConfig, folder: Path, desc: str = "") -> None:
+    """Run every slice whose output file is missing, here or (`executor.kind: slurm`) as SLURM job arrays.
+
+    Slices with an output are never redone, so a killed run resumes with the missing slices only.
+
+    Raises:
+        SliceFailure: naming the slices (and the log folder) still without output after `executor.max_retries`.
+    """
+    pending = [t for t in tasks if not Path(t.out_path).is_file()]
+    if not pending:
+        return
+    if cfg.executor.kind == "slurm":
+        failed = _run_slices_slurm(pending, cfg, folder, desc)
+        where = f"; SLURM logs under {folder}"
+    else:
+        failed = _run_slices_here(pending, cfg.executor.max_retries, desc)
+        where = ""
+    if failed:
+        raise SliceFailure(f"{desc}: slices {[t.index for t in failed]} failed after "
+                           f"{cfg.executor.max_retries} retries{where}; re-run to retry them")
+
+
+SliceRunner = Callable[[list[SliceTask], str], None]
+
+
+def run_here(tasks: list[SliceTask], desc: str = "") -> None:
+    """The runner of code without a curate config (library calls, benches): in this process, no retries."""
+    failed = _run_slices_here([t for t in tasks if not Path(t.out_path).is_file()], 0, desc)
+    if failed:
+        raise SliceFailure(f"{desc}: slices {[t.index for t in failed]} failed")
+
+
+def slice_runner(cfg: CurateConfig, folder: Path) -> SliceRunner:
+    """`run_slices` bound to a stage's config and submitit folder, for code that does not know the config."""
+
+    def run(tasks: list[SliceTask], desc: str = "") -> None:
+        run_slices(tasks, cfg, folder, desc)
+
+    return run
 
 
 def make_executor(cfg: CurateConfig, folder: Path) -> LocalExecutor | SlurmExecutor:

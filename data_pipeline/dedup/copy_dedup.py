@@ -7,8 +7,11 @@ undirected graph. Its connected components are only reported (they chain unrelat
 then greedy representatives in the documented order (largest width*height, then smallest id) keep every removed
 image within the threshold of the image it is removed in favour of.
 
-Resume: query rows are processed in chunks whose candidate pairs are written atomically to `_work/pairs-*.parquet`
-(and a trained IVF index to `_work/index.faiss`), so a killed run redoes only the unfinished chunk.
+Resume and scale-out: an IVF index is trained once and written atomically to `_work/index.faiss`; query rows are then
+searched in slices of `copy_dedup.slice_rows` against it (`SharedIndex`), each slice's candidate pairs written
+atomically to `_work/pairs-*.parquet`. The slices run in this process or as one SLURM job array
+(`executors.run_slices`, `executor.kind: slurm`); either way a killed run redoes only the slices without a file, and
+the pairs are read back in slice order, so both give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.core import artifacts
-from data_pipeline.core.knn import Searcher, index_to_bytes, knn_params, measure_recall, searcher_from_bytes
+from data_pipeline.core.executors import SliceRunner, SliceTask, run_here, slice_runner
+from data_pipeline.core.knn import (
+    KnnParams,
+    Searcher,
+    index_to_bytes,
+    knn_params,
+    measure_recall,
+    resolve_kind,
+    searcher_from_bytes,
+)
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.groups import giant_limit, group_pairs, quality_rank
 from data_pipeline.embed.embed import load_embeddings
 
-# Query rows per resumable work chunk.
-CHUNK_ROWS = 1 << 16
 # Giant components are split in steps of 0.01 of cosine; edges at cos >= 0.99 (level 1) are never dropped.
 LEVELS_PER_UNIT = 100
 
@@ -70,6 +80,53 @@ def pool_row_ids(table: pa.Table, rows: pa.Table, check_keep: bool = True) -> np
     return row_id
 
 
+class SharedIndex:
+    """The pool and its kNN index as every slice of a search sees them.
+
+    The driver builds it (`build`): an IVF index is trained once and written atomically to `index_file`, or loaded
+    from there on resume. A SLURM array task gets it pickled without the loaded index (the pool as its .npy file
+    name, see `artifacts.array_ref`) and loads the same index file on first use; a flat index is rebuilt from the
+    pool instead (flat is only chosen up to `flat_max` vectors, where adding is cheaper than writing the copy).
+    """
+
+    def __init__(self, pool: np.ndarray, params: KnnParams, index_file: Path) -> None:
+        self.pool_ref = artifacts.array_ref(pool)
+        self.params = params
+        self.index_file = str(index_file)
+        self._searcher: Searcher | None = None
+
+    @classmethod
+    def build(cls, pool: np.ndarray, params: KnnParams, work: Path) -> SharedIndex:
+        """Driver side: load `work/index.faiss`, or build the index and write it there when it is not flat."""
+        shared = cls(pool, params, work / "index.faiss")
+        index_file = Path(shared.index_file)
+        if index_file.is_file():
+            shared._searcher = searcher_from_bytes(pool, params, index_file.read_bytes())
+        else:
+            shared._searcher = Searcher(pool, params)
+            if shared._searcher.kind != "flat":  # IVF training + adding is the expensive part worth sharing
+                artifacts.write_bytes_atomic(index_file, index_to_bytes(shared._searcher))
+        return shared
+
+    def searcher(self) -> Searcher:
+        """The searcher, loaded once per process."""
+        if self._searcher is None:
+            pool = artifacts.open_array_ref(self.pool_ref)
+            index_file = Path(self.index_file)
+            if index_file.is_file():
+                self._searcher = searcher_from_bytes(pool, self.params, index_file.read_bytes())
+            elif resolve_kind(pool.shape[0], self.params) == "flat":
+                self._searcher = Searcher(pool, self.params)
+            else:  # retraining here could silently give another index than the other slices
+                raise FileNotFoundError(f"shared kNN index {index_file} is missing; re-run the stage")
+        return self._searcher
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_searcher"] = None  # faiss indexes do not pickle; the task loads the index file instead
+        return state
+
+
 def _chunk_pairs(searcher: Searcher, start: int, stop: int, k: int, floor: float) -> pa.Table:
     """Pairs (a < b pool indices) among the kNN of rows [start, stop) with sim > floor."""
     sims, idx = searcher.search_self(start, stop, k)
@@ -80,16 +137,24 @@ def _chunk_pairs(searcher: Searcher, start: int, stop: int, k: int, floor: float
     return pa.table({"a": a, "b": b, "sim": s[ok].astype(np.float32)})
 
 
+def pair_slice(shared: SharedIndex, start: int, stop: int, k: int, floor: float, out_path: str) -> None:
+    """One slice task: the pairs of query rows [start, stop), written atomically to `out_path`."""
+    artifacts.write_parquet_atomic(Path(out_path), _chunk_pairs(shared.searcher(), start, stop, k, floor))
+
+
 def self_pairs(
-    pool: np.ndarray, k: int, floor: float, params, work: Path
+    pool: np.ndarray, k: int, floor: float, params, work: Path, run: SliceRunner = run_here,
+    slice_rows: int = 1 << 16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Searcher | None]:
     """Unique undirected kNN pairs with sim > floor, resumable through `work`.
 
     Args:
-        pool: float16 [n, d] L2-normalised.
+        pool: float16 [n, d] L2-normalised (a memmap of a .npy file for SLURM slices, else it is pickled).
         k: neighbours per row (self excluded).
         floor: lowest similarity kept (min of the edge threshold and the audit band).
         params: KnnParams.
+        run: how the query slices run (`executors.run_here`, or `slice_runner` of the stage's config).
+        slice_rows: query rows per slice (per array task).
 
     Returns:
         (a int64 [P], b int64 [P], sim float32 [P], searcher) with a < b, sorted by (a, b); searcher is None when
@@ -99,28 +164,21 @@ def self_pairs(
     if n < 2:
         e = np.zeros(0, np.int64)
         return e, e, np.zeros(0, np.float32), None
-    index_file = work / "index.faiss"
-    if index_file.is_file():
-        searcher = searcher_from_bytes(pool, params, index_file.read_bytes())
-    else:
-        searcher = Searcher(pool, params)
-        if searcher.kind != "flat":  # IVF training + adding is the expensive part worth checkpointing
-            artifacts.write_bytes_atomic(index_file, index_to_bytes(searcher))
-    parts = []
-    for start in range(0, n, CHUNK_ROWS):
-        stop = min(n, start + CHUNK_ROWS)
-        f = work / f"pairs-{start:012d}-{stop:012d}.parquet"
-        if not f.is_file():
-            artifacts.write_parquet_atomic(f, _chunk_pairs(searcher, start, stop, min(k, n - 1), floor))
-        parts.append(artifacts.read_table(f))
-    t = pa.concat_tables(parts)
+    shared = SharedIndex.build(pool, params, work)
+    tasks = []
+    for i, start in enumerate(range(0, n, slice_rows)):
+        stop = min(n, start + slice_rows)
+        out = work / f"pairs-{start:012d}-{stop:012d}.parquet"
+        tasks.append(SliceTask(i, pair_slice, (shared, start, stop, min(k, n - 1), floor), str(out)))
+    run(tasks, "copy_dedup kNN")
+    t = pa.concat_tables([artifacts.read_table(Path(task.out_path)) for task in tasks])
     a, b, s = (t.column(c).to_numpy() for c in ("a", "b", "sim"))
     # Each pair may come from both endpoints; keep one (max sim, though exact scoring makes them equal).
     order = np.lexsort((-s, b, a))
     a, b, s = a[order], b[order], s[order]
     first = np.ones(a.size, dtype=bool)
     first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    return a[first], b[first], s[first], searcher
+    return a[first], b[first], s[first], shared.searcher()
 
 
 def edge_levels(sim: np.ndarray) -> np.ndarray:
@@ -162,7 +220,8 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     n, n_rows = pool.shape[0], table.num_rows
     params = knn_params(cfg, seed=ctx.cfg.seed)
     floor = cfg.threshold - cfg.audit_margin  # the audit band reaches below the edge threshold
-    a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work)
+    run = slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "copy_dedup")
+    a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work, run, cfg.slice_rows)
     edge = s > cfg.threshold
 
     ids = np.array(table.column("id").to_pylist(), dtype=object)

@@ -8,21 +8,25 @@ dup_kind but are labelled too (`contaminated_by`), as are exact / near duplicate
 
 Outputs: `manifest.parquet` (+ contaminated_by), `matches.parquet` (every pair above the threshold) and `audit.parquet`
 (a seeded sample of borderline pairs within `decontaminate.audit_margin` of the threshold, for the report).
-Resume: each eval set's pairs above the audit floor are written atomically to `_work/matches-NNN.parquet` and skipped
-on a re-run.
+Resume and scale-out: the pool index is built once (`copy_dedup.SharedIndex`: an IVF index is written to
+`_work/index.faiss`); each eval set is searched in slices of `copy_dedup.slice_rows` eval images, here or as a SLURM
+job array (`executors.run_slices`), each slice's pairs above the audit floor written atomically to
+`_work/matches-NNN-<start>-<stop>.parquet` and skipped on a re-run.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from data_pipeline.core import artifacts
-from data_pipeline.core.knn import Searcher, knn_params
+from data_pipeline.core.executors import SliceTask, slice_runner
+from data_pipeline.core.knn import knn_params
 from data_pipeline.core.stage import Stage, StageContext
-from data_pipeline.dedup.copy_dedup import pool_row_ids, upstream_tag
+from data_pipeline.dedup.copy_dedup import SharedIndex, pool_row_ids, upstream_tag
 from data_pipeline.embed.embed import load_embeddings, parse_eval_set
 
 MATCH_SCHEMA = pa.schema([("eval_set", pa.string()), ("eval_id", pa.string()), ("row_id", pa.int64()),
@@ -35,26 +39,31 @@ def plan_decontaminate(ctx: StageContext) -> pa.Table:
     return t.replace_schema_metadata(upstream_tag(ctx, "embed_copy"))
 
 
-def match_set(searcher: Searcher, evals: np.ndarray, eval_ids: list[str], name: str, k: int, threshold: float,
-              pool_rows: np.ndarray, pool_component: np.ndarray) -> pa.Table:
-    """Pool neighbours of one eval set above `threshold` (the audit floor: the caller splits matches from the band).
+def match_slice(shared: SharedIndex, evals_ref: str | np.ndarray, start: int, stop: int, k: int, floor: float,
+                out_path: str) -> None:
+    """One slice task: pool neighbours of eval rows [start, stop) with similarity above `floor`, written atomically
+    as (q: eval row, p: pool index, sim), in eval order, then by similarity (desc) and pool index."""
+    evals = artifacts.open_array_ref(evals_ref)
+    sims, idx = shared.searcher().search(evals[start:stop], k)
+    q, nb = np.nonzero((idx >= 0) & (sims > floor))
+    artifacts.write_parquet_atomic(Path(out_path), pa.table({
+        "q": pa.array(q.astype(np.int64) + start, pa.int64()),
+        "p": pa.array(idx[q, nb], pa.int64()),
+        "sim": pa.array(sims[q, nb], pa.float32()),
+    }))
 
-    Args:
-        evals: float16 [m, d] eval embeddings; eval_ids: [m] their ids.
-        pool_rows, pool_component: int64 [n_pool] row_id and copy component of each pool vector.
 
-    Returns:
-        MATCH_SCHEMA rows in eval order, then by similarity (desc) and row_id.
-    """
-    sims, idx = searcher.search(evals, k)
-    hit = (idx >= 0) & (sims > threshold)
-    q, nb = np.nonzero(hit)
+def match_table(raw: pa.Table, eval_ids: list[str], name: str, pool_rows: np.ndarray,
+                pool_component: np.ndarray) -> pa.Table:
+    """Slice pairs (q, p, sim) as MATCH_SCHEMA rows: eval ids, pool row_ids and copy components looked up here, so
+    that the slice tasks carry no pool-sized tables."""
+    q, p = raw.column("q").to_numpy(), raw.column("p").to_numpy()
     return pa.table({
         "eval_set": pa.array([name] * q.size, pa.string()),
         "eval_id": pa.array(np.array(eval_ids, dtype=object)[q] if q.size else [], pa.string()),
-        "row_id": pa.array(pool_rows[idx[q, nb]], pa.int64()),
-        "sim": pa.array(sims[q, nb], pa.float32()),
-        "component": pa.array(pool_component[idx[q, nb]], pa.int64()),
+        "row_id": pa.array(pool_rows[p], pa.int64()),
+        "sim": raw.column("sim"),
+        "component": pa.array(pool_component[p], pa.int64()),
     }, schema=MATCH_SCHEMA)
 
 
@@ -102,29 +111,36 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
     per_set: dict[str, dict] = {}
     matches = [MATCH_SCHEMA.empty_table()]
     band = [with_eval_paths(MATCH_SCHEMA.empty_table(), None)]
-    searcher = None
+    shared = None
+    pool, rows = load_embeddings(emb_dir, "pool")
+    # Pool rows copy_dedup removed are still searched, so only ids are checked here.
+    pool_rows = pool_row_ids(table, rows, check_keep=False)
+    run = slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "decontaminate")
+    step = ctx.cfg.copy_dedup.slice_rows
     for s_i, name in enumerate(names):
         if not (emb_dir / f"eval-{name}.npy").is_file():
             found = sorted(p.stem for p in emb_dir.glob("eval-*.npy"))
             raise ValueError(f"decontaminate.eval_sets entry {cfg.eval_sets[s_i]!r}: no {emb_dir}/eval-{name}.npy "
                              f"(embed_copy wrote {found}); re-run embed_copy")
         evals, eval_rows = load_embeddings(emb_dir, f"eval-{name}")
-        f = work / f"matches-{s_i:03d}.parquet"
-        if not f.is_file():
-            if searcher is None:
-                pool, rows = load_embeddings(emb_dir, "pool")
-                # Pool rows copy_dedup removed are still searched, so only ids are checked here.
-                pool_rows = pool_row_ids(table, rows, check_keep=False)
-                searcher = Searcher(pool, knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed))
-            if evals.shape[1:] != searcher.base.shape[1:] or evals.shape[0] != eval_rows.num_rows:
-                raise ValueError(f"embed_copy eval-{name}: shape {evals.shape} / {eval_rows.num_rows} rows does not "
-                                 f"fit the pool's {searcher.base.shape}; re-run embed_copy")
-            k = max(1, min(cfg.k, searcher.base.shape[0]))
-            floor = cfg.threshold - cfg.audit_margin  # pairs in the audit band below the threshold are kept too
-            m = match_set(searcher, evals, eval_rows.column("id").to_pylist(), name, k, floor, pool_rows,
-                          component[pool_rows])
-            artifacts.write_parquet_atomic(f, m)
-        near = artifacts.read_table(f)
+        if evals.shape[1:] != pool.shape[1:] or evals.shape[0] != eval_rows.num_rows:
+            raise ValueError(f"embed_copy eval-{name}: shape {evals.shape} / {eval_rows.num_rows} rows does not "
+                             f"fit the pool's {pool.shape}; re-run embed_copy")
+        k = max(1, min(cfg.k, pool.shape[0]))
+        floor = cfg.threshold - cfg.audit_margin  # pairs in the audit band below the threshold are kept too
+        bounds = [(start, min(evals.shape[0], start + step)) for start in range(0, evals.shape[0], step)]
+        outs = [work / f"matches-{s_i:03d}-{a:012d}-{b:012d}.parquet" for a, b in bounds]
+        if shared is None and not all(f.is_file() for f in outs):
+            # Built only when some slice is missing: a resumed run with every slice done trains nothing.
+            shared = SharedIndex.build(pool, knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed), work)
+        ref = artifacts.array_ref(evals)
+        tasks = [SliceTask(i, match_slice, (shared, ref, a, b, k, floor), str(f))
+                 for i, ((a, b), f) in enumerate(zip(bounds, outs))]
+        run(tasks, f"decontaminate {name}")
+        near = MATCH_SCHEMA.empty_table()
+        if tasks:
+            raw = pa.concat_tables([artifacts.read_table(f) for f in outs])
+            near = match_table(raw, eval_rows.column("id").to_pylist(), name, pool_rows, component[pool_rows])
         sims = near.column("sim").to_numpy()
         m = near.filter(pa.array(sims > cfg.threshold))
         band.append(with_eval_paths(near.filter(pa.array(sims <= cfg.threshold + cfg.audit_margin)), eval_rows))
