@@ -9,6 +9,7 @@ from pathlib import Path
 from data_pipeline.cluster import cluster, retrieve
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig, check_paths, config_to_yaml, describe_keys, load_config
+from data_pipeline.core.executors import SliceFailure
 from data_pipeline.core.stage import Stage, StageContext, StageResult, run_stage
 from data_pipeline.dedup import copy_dedup, decontaminate, exact, near_dedup, phash
 from data_pipeline.embed import embed
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry. Exit codes: 0 ok, 1 shards failed after retries, 2 config/usage error (one line, no traceback)."""
+    """CLI entry. Exit codes: 0 ok, 1 shards or global-stage slices failed after retries, 2 config/usage error (one
+    line, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # the output folder is a file, read-only or full
         print(f"error: {describe_os_error(exc, args.output_dir)}", file=sys.stderr)
+        return 1
+    except SliceFailure as exc:  # array tasks of a global stage kept failing; the finished slices are kept
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(results))
     failed = [(r.name, r.failed_shards) for r in results if r.failed_shards]

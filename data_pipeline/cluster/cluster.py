@@ -5,6 +5,8 @@ Outputs (pool index = row of embed_ssl/pool.npy): `centroids.npy` float32 [k, d]
 first, then by index). Hierarchical mode also writes `level<L>/` with the same four files per level; level1 is the
 finest (same files as the top level), and for L > 1 `assign` maps level L-1 clusters to level L clusters.
 Every k-means run checkpoints under `_work/` after each iteration, so a killed run resumes to identical outputs.
+Assignments run in slices of `cluster.slice_rows` points (`kmeans.Slicing`): in this process, or as one SLURM job
+array per Lloyd iteration and per whole-pool assignment with `executor.kind: slurm`; the same bytes either way.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import pyarrow as pa
 from data_pipeline.cluster.kmeans import (
     Checkpointer,
     Level,
-    assign,
+    Slicing,
+    assign_all,
     cluster_csr,
     hierarchical_kmeans,
     set_threads,
     spherical_kmeans,
 )
 from data_pipeline.core import artifacts
+from data_pipeline.core.executors import slice_runner
 from data_pipeline.core.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,8 @@ def finish_cluster(ctx: StageContext, table: pa.Table) -> dict:
     if n == 0:
         raise ValueError("cluster: the embed_ssl pool is empty; nothing to cluster")
     ckpt = Checkpointer(out / "_work")
+    slicing = Slicing(slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "cluster"), out / "_work", cfg.slice_rows,
+                      cfg.threads)
     requested = [cfg.n_clusters] if cfg.mode == "kmeans" else list(cfg.levels)
     if requested[0] > n:
         log.warning("cluster: %d clusters requested for %d pool images; capped at %d", requested[0], n, n)
@@ -90,14 +96,14 @@ def finish_cluster(ctx: StageContext, table: pa.Table) -> dict:
         k = min(cfg.n_clusters, n)
         res = spherical_kmeans(pool, k, iterations=cfg.iterations, init=cfg.init, seed=[ctx.cfg.seed, 1, 0],
                                max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
-                               tag="level1_step0", device=cfg.device)
-        labels, sims = assign(pool, res.centroids, device=cfg.device)
+                               tag="level1_step0", device=cfg.device, slicing=slicing)
+        labels, sims = assign_all(pool, res.centroids, cfg.device, slicing, "level1_step0")
         levels = [Level(res.centroids, labels, sims, 0, float(np.sum(1.0 - sims.astype(np.float64))))]
     else:
         levels = hierarchical_kmeans(pool, cfg.levels, iterations=cfg.iterations, init=cfg.init, seed=ctx.cfg.seed,
                                      resample_steps=cfg.resample_steps, resample_size=cfg.resample_size,
                                      max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
-                                     device=cfg.device)
+                                     device=cfg.device, slicing=slicing)
     write_level(out, levels[0])
     if cfg.mode == "hierarchical":
         for li, level in enumerate(levels, start=1):

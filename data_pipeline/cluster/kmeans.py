@@ -9,12 +9,19 @@ Shapes: n points, d dims, k clusters.
 Lloyd iterations spend their time, runs on every GPU (centroids replicated, points split) when GPUs are used; the
 seeding and centroid updates stay on the CPU. GPU and CPU labels agree except for points within float32 rounding
 of two centroids, so centroids agree to ~1e-5 rather than bitwise.
+
+`Slicing` spreads the assignment over slices of points (`executors.run_slices`: in this process or one SLURM job
+array per Lloyd iteration). Each slice task reads its points and the iteration's centroid file from disk and writes,
+atomically, its labels, similarities and per-cluster float32 sums and counts; the driver adds the slices' sums in
+float64 in slice order, so the centroids depend on the slice size but not on where the slices ran. With one slice
+(the pool fits `slice_rows`) the sums are exactly the unsliced ones.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,7 @@ import numpy as np
 import scipy.sparse
 
 from data_pipeline.core import artifacts, faiss_gpu
+from data_pipeline.core.executors import SliceRunner, SliceTask
 
 BLOCK = 65536
 INITS = ("kmeans++", "afkmc2", "random")
@@ -197,8 +205,18 @@ def init_afkmc2(x: np.ndarray, k: int, rng: np.random.Generator, chain: int = 50
     return chosen
 
 
-def _update(x: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-    """Spherical centroid update: per-cluster mean, then L2-normalise; empty clusters re-seeded deterministically.
+def _slice_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster float32 sums [k, d] and int64 counts [k] of the rows of `x` by label."""
+    n = len(labels)
+    # Sums as a sparse one-hot [k, n] @ x [n, d] product: one sequential pass (deterministic), ~10x faster than a
+    # sort + reduceat; float32 accumulation is ample for directions that are normalised next.
+    onehot = scipy.sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ x, dtype=np.float32), np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def _centroids(sums: np.ndarray, counts: np.ndarray, x: np.ndarray, labels: np.ndarray,
+               sims: np.ndarray) -> tuple[np.ndarray, int]:
+    """Spherical centroid update from float64 sums: L2-normalise; empty clusters re-seeded deterministically.
 
     Empty clusters take, in cluster order, the points farthest from their centroid (lowest similarity, then lowest
     index) among clusters with more than one member, so the run stays seed-free and reproducible.
@@ -206,12 +224,6 @@ def _update(x: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int) -> tupl
     Returns:
         float32 [k, d] centroids and the number of re-seeded clusters.
     """
-    n = len(labels)
-    counts = np.bincount(labels, minlength=k)
-    # Sums as a sparse one-hot [k, n] @ x [n, d] product: one sequential pass (deterministic), ~10x faster than a
-    # sort + reduceat; float32 accumulation is ample for directions that are normalised next.
-    onehot = scipy.sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
-    sums = np.asarray(onehot @ x, dtype=np.float64)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
         donors = np.flatnonzero(counts[labels] > 1)
@@ -220,6 +232,146 @@ def _update(x: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int) -> tupl
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     cent = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     return cent, int(empty.size)
+
+
+def _update(x: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """Spherical centroid update over all of `x` at once (one slice): per-cluster mean, normalised.
+
+    Returns:
+        float32 [k, d] centroids and the number of re-seeded clusters.
+    """
+    sums, counts = _slice_sums(x, labels, k)
+    return _centroids(sums.astype(np.float64), counts, x, labels, sims)
+
+
+@dataclass
+class Slicing:
+    """How to spread assignments over slices of points (see the module docstring).
+
+    Attributes:
+        run: runs slice tasks (`executors.run_here`, or `executors.slice_runner` of a curate config).
+        work_dir: holds the points of in-memory inputs, each iteration's centroid file and the slice outputs.
+        slice_rows: points per slice (per SLURM array task).
+        threads: faiss threads in each slice (results depend on it, so the driver's setting).
+    """
+
+    run: SliceRunner
+    work_dir: Path
+    slice_rows: int = 1 << 18
+    threads: int = 0
+
+    def points(self, x: np.ndarray, name: str) -> str:
+        """A .npy file holding `x` for the slice tasks: its own file when `x` maps one, else written once."""
+        found = artifacts.npy_file(x)
+        if found is not None:
+            return found
+        path = self.work_dir / f"{name}-points.npy"
+        if not path.is_file():
+            artifacts.write_npy_atomic(path, np.asarray(x))
+        return str(path)
+
+    def drop(self, points: str) -> None:
+        """Delete a points file `points` wrote (never an input's own file)."""
+        path = Path(points)
+        if path.parent == self.work_dir and path.name.endswith("-points.npy"):
+            path.unlink(missing_ok=True)
+
+    def bounds(self, n: int) -> list[tuple[int, int]]:
+        """[start, stop) of each slice of n points."""
+        return [(s, min(n, s + self.slice_rows)) for s in range(0, n, self.slice_rows)]
+
+
+def lloyd_slice(points: str, rows: np.ndarray | None, start: int, stop: int, cent_file: str, device: str,
+                threads: int, out_path: str) -> None:
+    """One slice task of a Lloyd iteration: labels, similarities, float32 sums and counts of points [start, stop)
+    of `load_normalized(points file, all rows)` (`rows`: the slice's own rows of the file, when the run trains on a
+    sample), written atomically as one .npz. Normalisation is per row, so the slice's points are the driver's bit
+    for bit."""
+    set_threads(threads)
+    x = np.load(points, mmap_mode="r")
+    xs = load_normalized(x, rows) if rows is not None else load_normalized(x[start:stop])
+    cent = np.load(cent_file)
+    labels, sims = assign(xs, cent, device=device)
+    sums, counts = _slice_sums(xs, labels, len(cent))
+    buf = io.BytesIO()
+    np.savez(buf, labels=labels, sims=sims, sums=sums, counts=counts)
+    artifacts.write_bytes_atomic(Path(out_path), buf.getvalue())
+
+
+def assign_slice(points: str, start: int, stop: int, cent_file: str, device: str, threads: int,
+                 out_path: str) -> None:
+    """One slice task of a whole-input assignment: labels and similarities of points [start, stop) (rows
+    normalised by `assign` as in the unsliced call), written atomically as one .npz."""
+    set_threads(threads)
+    labels, sims = assign(np.load(points, mmap_mode="r")[start:stop], np.load(cent_file), device=device)
+    buf = io.BytesIO()
+    np.savez(buf, labels=labels, sims=sims)
+    artifacts.write_bytes_atomic(Path(out_path), buf.getvalue())
+
+
+def _centroid_file(folder: Path, centroids: np.ndarray) -> str:
+    path = folder / "centroids.npy"
+    if not path.is_file():
+        artifacts.write_npy_atomic(path, np.ascontiguousarray(centroids, dtype=np.float32))
+    return str(path)
+
+
+def lloyd_step_sliced(slicing: Slicing, points: str, rows: np.ndarray | None, xt: np.ndarray, cent: np.ndarray,
+                      folder: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One Lloyd iteration over slices of `xt` (= `load_normalized(points, rows)`, held by the driver for the
+    empty-cluster re-seeding), resumable through `folder`.
+
+    Returns:
+        (labels int64 [n], sims float32 [n], new centroids float32 [k, d], re-seeded clusters).
+    """
+    k = len(cent)
+    cent_file = _centroid_file(folder, cent)
+    tasks = [SliceTask(i, lloyd_slice, (points, None if rows is None else rows[a:b], a, b, cent_file, device,
+                                        slicing.threads),
+                       str(folder / f"slice-{i:06d}.npz"))
+             for i, (a, b) in enumerate(slicing.bounds(len(xt)))]
+    slicing.run(tasks, f"k-means {folder.name}")
+    labels, sims = [], []
+    sums = np.zeros((k, xt.shape[1]), dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    for t in tasks:  # slice order: the float64 sum is the same whoever computed the slices
+        with np.load(t.out_path) as z:
+            labels.append(z["labels"])
+            sims.append(z["sims"])
+            sums += z["sums"].astype(np.float64)
+            counts += z["counts"]
+    lab, sim = np.concatenate(labels), np.concatenate(sims)
+    new, reseeded = _centroids(sums, counts, xt, lab, sim)
+    return lab, sim, new, reseeded
+
+
+def assign_all(x: np.ndarray, centroids: np.ndarray, device: str = "auto", slicing: Slicing | None = None,
+               tag: str = "assign") -> tuple[np.ndarray, np.ndarray]:
+    """`assign` of every row of `x`, in slices through `slicing` when given (then resumable under
+    `slicing.work_dir/<tag>-assign/`, removed once read).
+
+    Returns:
+        labels int64 [n] and similarities float32 [n].
+    """
+    if slicing is None:
+        return assign(x, centroids, device=device)
+    folder = slicing.work_dir / f"{tag}-assign"
+    points = slicing.points(x, folder.name)
+    cent_file = _centroid_file(folder, centroids)
+    tasks = [SliceTask(i, assign_slice, (points, a, b, cent_file, device, slicing.threads),
+                       str(folder / f"slice-{i:06d}.npz"))
+             for i, (a, b) in enumerate(slicing.bounds(len(x)))]
+    slicing.run(tasks, f"k-means {folder.name}")
+    labels, sims = [], []
+    for t in tasks:
+        with np.load(t.out_path) as z:
+            labels.append(z["labels"])
+            sims.append(z["sims"])
+    shutil.rmtree(folder, ignore_errors=True)
+    slicing.drop(points)
+    if not tasks:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(labels), np.concatenate(sims)
 
 
 @dataclass
@@ -243,6 +395,7 @@ def spherical_kmeans(
     tag: str = "kmeans",
     afkmc2_chain: int = 50,
     device: str = "auto",
+    slicing: Slicing | None = None,
 ) -> KMeansResult:
     """Lloyd's algorithm on the unit sphere: assign by inner product (faiss IndexFlatIP), centroid = normalised mean.
 
@@ -255,6 +408,8 @@ def spherical_kmeans(
         max_points_per_centroid: train on a seeded sample of at most this many points per centroid (0 = all).
         checkpoint: where to save/resume `tag` after the seeding and after every iteration.
         device: where the assignment step runs (auto, cpu, gpu).
+        slicing: run each iteration's assignment and sums in slices (here or as SLURM arrays); None = one block
+            in this process (the same result as one slice).
 
     Returns:
         A KMeansResult (objective covers only the iterations run in this call).
@@ -284,13 +439,23 @@ def spherical_kmeans(
         if checkpoint is not None:
             checkpoint.save(tag, cent, 0, rng)
     result = KMeansResult(cent)
+    points = slicing.points(x, tag) if slicing is not None and start < iterations else ""
     for it in range(start, iterations):
-        labels, sims = assign(xt, cent, device=device)
+        if slicing is None:
+            labels, sims = assign(xt, cent, device=device)
+            cent_new, reseeded = _update(xt, labels, sims, k)
+        else:
+            folder = slicing.work_dir / f"{tag}-it{it:04d}"
+            labels, sims, cent_new, reseeded = lloyd_step_sliced(slicing, points, rows, xt, cent, folder, device)
         result.objective.append(float(np.sum(1.0 - sims.astype(np.float64))))
-        cent, reseeded = _update(xt, labels, sims, k)
+        cent = cent_new
         result.reseeded += reseeded
         if checkpoint is not None:
             checkpoint.save(tag, cent, it + 1, rng)
+        if slicing is not None:  # the checkpoint now holds what the slice files were for
+            shutil.rmtree(folder, ignore_errors=True)
+    if points:
+        slicing.drop(points)
     result.centroids = cent
     return result
 
@@ -341,6 +506,7 @@ def hierarchical_kmeans(
     max_points_per_centroid: int = 0,
     checkpoint: Checkpointer | None = None,
     device: str = "auto",
+    slicing: Slicing | None = None,
 ) -> list[Level]:
     """Bottom-up hierarchical k-means with resampling (Vo et al. 2024, "Automatic Data Curation for Self-Supervised
     Learning: A Clustering-Based Approach"; official `ssl-data-curation/src/hierarchical_kmeans_gpu.py`).
@@ -362,8 +528,8 @@ def hierarchical_kmeans(
         tag = f"level{li}"
         res = spherical_kmeans(inputs, k, iterations=iterations, init=init, seed=[seed, li, 0],
                                max_points_per_centroid=max_points_per_centroid, checkpoint=checkpoint,
-                               tag=f"{tag}_step0", device=device)
-        labels, sims = assign(inputs, res.centroids, device=device)
+                               tag=f"{tag}_step0", device=device, slicing=slicing)
+        labels, sims = assign_all(inputs, res.centroids, device, slicing, f"{tag}_step0")
         r = resample_size if resample_size > 0 else int(round(n_in / k / 2))
         done = 0
         for step in range(1, resample_steps + 1):
@@ -374,8 +540,8 @@ def hierarchical_kmeans(
                 break
             res = spherical_kmeans(load_normalized(inputs, proxy), k, iterations=iterations, init=init,
                                    seed=[seed, li, step], checkpoint=checkpoint, tag=f"{tag}_step{step}",
-                                   device=device)
-            labels, sims = assign(inputs, res.centroids, device=device)
+                                   device=device, slicing=slicing)
+            labels, sims = assign_all(inputs, res.centroids, device, slicing, f"{tag}_step{step}")
             done = step
         objective = float(np.sum(1.0 - sims.astype(np.float64)))
         out.append(Level(res.centroids, labels, sims, r if done else 0, objective))

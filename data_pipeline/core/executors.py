@@ -246,7 +246,7 @@ def _run_slices_here(tasks: list[SliceTask], max_retries: int, desc: str) -> lis
     pending = list(tasks)
     for attempt in range(max_retries + 1):
         failed = []
-        for task in tqdm(pending, desc=desc, unit="slice", dynamic_ncols=True, disable=len(pending) < 2):
+        for task in tqdm(pending, desc=desc, unit="slice", dynamic_ncols=True, leave=False, disable=len(pending) < 8):
             try:
                 if not run_slice(task):
                     failed.append(task)
