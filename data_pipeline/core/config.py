@@ -109,6 +109,7 @@ class HashConfig:
     giant_fraction: float = 0.01
     giant_min_size: int = 32
     giant_action: str = "split"
+    slice_rows: int = 1 << 20  # query hashes per near-duplicate search slice (one SLURM array task each)
 
     def __post_init__(self) -> None:
         _check_giant("hash", self.giant_fraction, self.giant_min_size, self.giant_action)
@@ -120,7 +121,7 @@ class HashConfig:
             raise ValueError(f"hash.draft_side must be >= 0 (0 = full decode), got {self.draft_side}")
         if not 0 <= self.threshold < 32:
             raise ValueError(f"hash.threshold must be in [0, 32), got {self.threshold}")
-        _at_least("hash", 1, flat_max=self.flat_max, threads=self.threads)
+        _at_least("hash", 1, flat_max=self.flat_max, threads=self.threads, slice_rows=self.slice_rows)
 
 
 @dataclass

@@ -1,6 +1,14 @@
-"""Near-duplicate stage: Hamming range search over 64-bit hashes with a Faiss binary index, chain-free groups."""
+"""Near-duplicate stage: Hamming range search over 64-bit hashes with a Faiss binary index, chain-free groups.
+
+The range search runs in slices of `hash.slice_rows` query hashes (`HashIndex`, `executors.run_slices`): in this
+process or as one SLURM job array, each slice's pairs written atomically to `_work/pairs-*.parquet` and skipped on a
+re-run. The search is exact, so the pairs do not depend on the slicing.
+"""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -8,6 +16,7 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import HashConfig
+from data_pipeline.core.executors import SliceRunner, SliceTask, run_here, slice_runner
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.groups import giant_limit, group_pairs, quality_rank
 from data_pipeline.dedup.phash import FLAG_DEGENERATE, FLAG_HASHED
@@ -50,31 +59,82 @@ def build_index(codes: np.ndarray, threshold: int, kind: str, flat_max: int) -> 
     return index
 
 
-def near_pairs(hashes: np.ndarray, cfg: HashConfig, batch: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class HashIndex:
+    """The candidate codes and their binary index as every slice of the range search sees them.
+
+    A SLURM array task gets it pickled without the index (the codes as their .npy file name when the driver wrote
+    one) and builds the index once on first use: a flat index is a copy and a multi-hash index a table fill, both
+    cheaper than shipping the built index.
+    """
+
+    def __init__(self, codes: np.ndarray, cfg: HashConfig) -> None:
+        self.codes_ref = artifacts.array_ref(codes)
+        self.cfg = cfg
+        self._index: faiss.IndexBinary | None = None
+
+    def index(self) -> faiss.IndexBinary:
+        """The index, built once per process."""
+        if self._index is None:
+            faiss.omp_set_num_threads(self.cfg.threads)
+            codes = np.ascontiguousarray(artifacts.open_array_ref(self.codes_ref))
+            self._index = build_index(codes, self.cfg.threshold, self.cfg.index, self.cfg.flat_max)
+        return self._index
+
+    def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, dist) with i in [start, stop), i < j, within the threshold; in query order."""
+        faiss.omp_set_num_threads(self.cfg.threads)
+        codes = np.ascontiguousarray(artifacts.open_array_ref(self.codes_ref)[start:stop])
+        # Faiss binary range search is strict (distance < radius), hence threshold + 1.
+        lims, dist, nbr = self.index().range_search(codes, self.cfg.threshold + 1)
+        q = np.repeat(np.arange(start, start + len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64))
+        keep = q < nbr
+        return q[keep], nbr[keep].astype(np.int64), dist[keep].astype(np.int32)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_index"] = None  # faiss indexes do not pickle; each task builds its own
+        return state
+
+
+def hash_pair_slice(shared: HashIndex, start: int, stop: int, out_path: str) -> None:
+    """One slice task: the pairs of query rows [start, stop), written atomically to `out_path`."""
+    i, j, d = shared.pairs(start, stop)
+    artifacts.write_parquet_atomic(Path(out_path), pa.table({"i": i, "j": j, "dist": d}))
+
+
+def near_pairs(hashes: np.ndarray, cfg: HashConfig, batch: int = 65536, work: Path | None = None,
+               run: SliceRunner = run_here) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with Hamming(hashes[i], hashes[j]) <= cfg.threshold.
 
     Args:
         hashes: uint64 [n].
+        batch: query hashes per slice.
+        work: folder for the codes file and the slices' pairs (resumable, and needed by SLURM slices); None =
+            all in memory here.
+        run: how the slices run (`executors.run_here`, or `slice_runner` of the stage's config).
 
     Returns:
         (i int64 [E], j int64 [E], dist int32 [E]), sorted by (i, j).
     """
-    faiss.omp_set_num_threads(cfg.threads)
     codes = to_codes(hashes)
     if codes.shape[0] == 0:
         e = np.zeros(0, dtype=np.int64)
         return e, e, e.astype(np.int32)
-    index = build_index(codes, cfg.threshold, cfg.index, cfg.flat_max)
-    out_i, out_j, out_d = [], [], []
-    for start in range(0, codes.shape[0], batch):
-        # Faiss binary range search is strict (distance < radius), hence threshold + 1.
-        lims, dist, nbr = index.range_search(codes[start : start + batch], cfg.threshold + 1)
-        q = np.repeat(np.arange(start, start + len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64))
-        keep = q < nbr
-        out_i.append(q[keep])
-        out_j.append(nbr[keep].astype(np.int64))
-        out_d.append(dist[keep].astype(np.int32))
-    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+    bounds = [(s, min(codes.shape[0], s + batch)) for s in range(0, codes.shape[0], batch)]
+    if work is None:
+        shared = HashIndex(codes, cfg)
+        parts = [shared.pairs(a, b) for a, b in bounds]
+        i, j, d = (np.concatenate(c) for c in zip(*parts))
+    else:
+        codes_file = work / "codes.npy"
+        if not codes_file.is_file():
+            artifacts.write_npy_atomic(codes_file, codes)
+        shared = HashIndex(np.load(codes_file, mmap_mode="r"), cfg)
+        tasks = [SliceTask(k, hash_pair_slice, (shared, a, b), str(work / f"pairs-{a:012d}-{b:012d}.parquet"))
+                 for k, (a, b) in enumerate(bounds)]
+        run(tasks, "near_dedup search")
+        t = pa.concat_tables([artifacts.read_table(Path(task.out_path)) for task in tasks])
+        i, j, d = (t.column(c).to_numpy() for c in ("i", "j", "dist"))
     order = np.lexsort((j, i))
     return i[order], j[order], d[order]
 
@@ -101,7 +161,9 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     if cfg.skip_degenerate:
         cand_mask &= (flags & FLAG_DEGENERATE) == 0
     cand = np.flatnonzero(cand_mask)
-    ci, cj, dist = near_pairs(table.column("phash").to_numpy()[cand], cfg)
+    work = ctx.stage_dir("near_dedup") / "_work"
+    run = slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "near_dedup")
+    ci, cj, dist = near_pairs(table.column("phash").to_numpy()[cand], cfg, cfg.slice_rows, work, run)
     w = table.column("width").fill_null(0).to_numpy()[cand].astype(np.int64)
     h = table.column("height").fill_null(0).to_numpy()[cand].astype(np.int64)
     ids = np.array(table.column("id").to_pylist())
@@ -130,6 +192,7 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     for g in summary["giant"]["largest"]:
         g["row"] = int(cand[g["row"]])  # candidate index -> manifest row_id
     artifacts.write_json_atomic(d / "components.json", summary)
+    shutil.rmtree(work, ignore_errors=True)
     if summary["giant"]["count"]:
         print(f"[near_dedup] {summary['giant']['count']} giant component(s) above {limit} images "
               f"({cfg.giant_action}): sizes {[g['size'] for g in summary['giant']['largest']]}")

@@ -17,13 +17,14 @@ import pytest
 from data_pipeline.cluster import cluster
 from data_pipeline.cluster.kmeans import Slicing, assign, assign_all, hierarchical_kmeans, spherical_kmeans
 from data_pipeline.core import artifacts
-from data_pipeline.core.config import load_config
+from data_pipeline.core.config import HashConfig, load_config
 from data_pipeline.core.executors import SliceFailure, SliceTask, run_here, run_slices, slice_runner
 from data_pipeline.core.knn import KnnParams
 from data_pipeline.core.stage import StageContext, run_stage
 from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
 from data_pipeline.dedup.copy_dedup import SharedIndex, pair_slice, self_pairs
 from data_pipeline.dedup.decontaminate import STAGE as DECON_STAGE
+from data_pipeline.dedup.near_dedup import near_pairs
 
 D = 32
 
@@ -125,7 +126,7 @@ def test_run_slices_here_skips_done_slices_and_retries(tmp_path):
 
 
 def test_slice_rows_must_be_positive():
-    for key in ("copy_dedup.slice_rows", "cluster.slice_rows"):
+    for key in ("hash.slice_rows", "copy_dedup.slice_rows", "cluster.slice_rows"):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             load_config(None, [f"{key}=0"])
 
@@ -169,6 +170,36 @@ def test_shared_index_pickles_without_the_index_and_reloads_it(tmp_path):
     (tmp_path / "index.faiss").unlink()
     with pytest.raises(FileNotFoundError, match="index.faiss"):  # never silently retrained in a task
         pickle.loads(blob).searcher()
+
+
+def _hashes(n: int, seed: int) -> np.ndarray:
+    """uint64 [n]: random hashes, a quarter of them with a near copy (1-3 bits flipped)."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    src = rng.choice(n, n // 4, replace=False)
+    dst = rng.choice(n, n // 4, replace=False)
+    flips = np.zeros(n // 4, dtype=np.uint64)
+    for _ in range(3):
+        flips |= np.uint64(1) << rng.integers(0, 64, size=n // 4).astype(np.uint64)
+    h[dst] = h[src] ^ flips
+    return h
+
+
+@pytest.mark.parametrize("index", ["flat", "multihash"])
+def test_near_pairs_in_slices_equal_in_memory_and_a_lost_slice_is_redone_alone(tmp_path, index):
+    h = _hashes(3000, seed=11)
+    cfg = HashConfig(threshold=4, index=index, threads=1)
+    ref = near_pairs(h, cfg)
+    assert len(ref[0]) > 300
+    sliced = near_pairs(h, cfg, 700, tmp_path)
+    files = sorted(tmp_path.glob("pairs-*.parquet"))
+    assert len(files) == 5
+    files[3].unlink()
+    before = _mtimes(files[:3] + files[4:])
+    again = near_pairs(h, cfg, 700, tmp_path)
+    assert _mtimes(files[:3] + files[4:]) == before and files[3].is_file()
+    for r, a, b in zip(ref, sliced, again):
+        assert r.tobytes() == a.tobytes() == b.tobytes()
 
 
 # ---------------------------------------------------------------------------------------- k-means slices
@@ -307,6 +338,19 @@ def test_slurm_lost_slice_is_redone_alone_and_failing_slice_is_retried_then_repo
         run_slices(tasks, cfg, fail_logs, "broken")
     assert (tmp_path / "f" / "ok.parquet").is_file() and not (tmp_path / "f" / "bad.parquet").exists()
     assert len(_logs(fail_logs)) == 3  # both slices, then the failing one again
+
+
+@pytest.mark.slurm
+def test_near_pairs_slurm_array_byte_identical(slurm_cluster, tmp_path):
+    h = _hashes(3000, seed=12)
+    cfg = HashConfig(threshold=4, index="multihash", threads=1)
+    logs = slurm_cluster.log_root / "near"
+    run = slice_runner(load_config(None, _slurm_overrides(slurm_cluster, tmp_path)), logs)
+    ref = near_pairs(h, cfg)
+    on_slurm = near_pairs(h, cfg, 1000, tmp_path / "w", run)
+    assert len(_logs(logs)) == 3
+    for r, s in zip(ref, on_slurm):
+        assert r.tobytes() == s.tobytes()
 
 
 def _cluster_outputs(root: Path) -> list[Path]:
