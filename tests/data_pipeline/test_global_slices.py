@@ -265,9 +265,11 @@ def test_hierarchical_kmeans_sliced_is_deterministic(tmp_path):
     a = hierarchical_kmeans(x, [15, 3], slicing=Slicing(run_here, tmp_path / "a", 400), **kw)
     b = hierarchical_kmeans(x, [15, 3], slicing=Slicing(run_here, tmp_path / "b", 400), **kw)
     ref = hierarchical_kmeans(x, [15, 3], **kw)
-    for la, lb, lr in zip(a, b, ref):
+    one = hierarchical_kmeans(x, [15, 3], slicing=Slicing(run_here, tmp_path / "c", 1 << 18), **kw)
+    for la, lb, lr, lo in zip(a, b, ref, one):
         assert la.centroids.tobytes() == lb.centroids.tobytes() and la.assign.tobytes() == lb.assign.tobytes()
         np.testing.assert_allclose(la.centroids, lr.centroids, atol=1e-5)
+        assert lo.centroids.tobytes() == lr.centroids.tobytes() and lo.assign.tobytes() == lr.assign.tobytes()
 
 
 # ----------------------------------------------------------------------------------- the SLURM job arrays
