@@ -5,7 +5,7 @@ Both share one signature, `run(tasks, desc) -> failed shard ids`, and the same w
 byte-identical. A worker that dies or hangs never takes a stage down: its shard is re-run alone, then item by item,
 and the culprit item gets a reject reason instead of a result.
 
-Global stages (kNN graph, decontamination search, k-means) split their work into `SliceTask`s instead: slices of
+Global stages (near-dup and kNN search, decontamination, k-means) split their work into `SliceTask`s instead: slices of
 query rows or points against state every slice reads from disk (a trained index, the current centroids). `run_slices`
 runs the slices whose output file is missing, in this process or as one SLURM job array through the same
 `submit_array`; each slice writes its own output atomically, so the caller's reduction reads the same files, in the
