@@ -1,8 +1,14 @@
 """Backbone building blocks: patch embedding, attention, FFNs, transformer block, stochastic depth, LayerScale."""
 
 from dinov2.layers.attention import BACKENDS, Attention, MemEffAttention, eager_attention, resolve_backend
-from dinov2.layers.block import Block, BlockChunk, NestedTensorBlock
-from dinov2.layers.drop_path import DropPath, drop_add_residual_subsets, drop_path, subset_size
+from dinov2.layers.block import Block, BlockChunk, NestedTensorBlock, PackedTokens, pack, unpack
+from dinov2.layers.drop_path import (
+    DropPath,
+    drop_add_residual_rows,
+    drop_add_residual_subsets,
+    drop_path,
+    subset_size,
+)
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import Mlp
 from dinov2.layers.patch_embed import PatchEmbed
@@ -19,13 +25,17 @@ __all__ = [
     "MemEffAttention",
     "Mlp",
     "NestedTensorBlock",
+    "PackedTokens",
     "PatchEmbed",
     "SwiGLUFFN",
     "SwiGLUFFNFused",
+    "drop_add_residual_rows",
     "drop_add_residual_subsets",
     "drop_path",
     "eager_attention",
     "interpolate_pos_embed",
+    "pack",
     "resolve_backend",
     "subset_size",
+    "unpack",
 ]

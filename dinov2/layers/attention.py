@@ -120,11 +120,15 @@ class Attention(nn.Module):
         if backend == "xformers":
             out = self._xformers(qkv, shapes)
         else:
-            outs, start = [], 0
-            for b, n in shapes:
-                # (b*n, 3D) -> (3, b, H, n, d); a view of the contiguous row block of this group.
-                q, k, v = qkv[start : start + b * n].view(b, n, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-                start += b * n
+            outs = []
+            # split, not slicing: its backward concatenates the groups' gradients once, where each slice's
+            # backward would fill a zero (T, 3D) gradient and the slices' gradients would then be summed
+            groups = qkv.split([b * n for b, n in shapes]) if len(shapes) > 1 else (qkv,)
+            for (b, n), rows in zip(shapes, groups):
+                # (b*n, 3D) -> q, k, v (b, H, n, d) as views: unbinding the "3" dim keeps each in (b, n, H, d)
+                # memory, the layout the CPU flash kernel writes its gradients in, so the backward stacks them into
+                # the qkv gradient with one copy (unbinding a permuted view costs a second one)
+                q, k, v = (t.transpose(1, 2) for t in rows.view(b, n, 3, H, d).unbind(2))
                 o = self._attend(q, k, v, backend)  # (b, H, n, d)
                 outs.append(o.transpose(1, 2).reshape(b * n, D))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)

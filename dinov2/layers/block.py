@@ -1,43 +1,58 @@
-"""Pre-norm transformer block with LayerScale and stochastic depth, accepting one tensor or a packed list of groups.
+"""Pre-norm transformer block with LayerScale and stochastic depth, accepting one tensor, a list of groups, or
+groups already packed into one tensor (:class:`PackedTokens`).
 
-A list input (the multi-crop "packed" forward) concatenates the tokens of all groups so that every LayerNorm and
-Linear runs once on ``(sum b_i * n_i, D)`` rows, while attention stays within each sequence (see
-:meth:`Attention.forward_packed`). This replaces the official xFormers-only nested-tensor path.
+The multi-crop "packed" forward keeps the tokens of all groups in one ``(sum b_i * n_i, D)`` tensor from the first
+block to the last, so that every LayerNorm and Linear runs once on all rows while attention stays within each
+sequence (see :meth:`Attention.forward_packed`), and no block splits or concatenates the groups. This replaces the
+official xFormers-only nested-tensor path.
 
 Stochastic depth, with ``r = drop_path`` in training:
     ``r > 0.1``: batch-subset regime (a random subset of ``max(int(b(1-r)), 1)`` samples runs the branch; the result
-        is added with ``index_add`` scaled by ``b/subset``), drawn independently per group for list inputs;
+        is added with ``index_add`` scaled by ``b/subset``), drawn independently per group for packed inputs;
     ``0 < r <= 0.1``: per-sample DropPath, per group. Unlike the official code (``# FIXME: drop_path2``) the FFN
         branch uses ``drop_path2``; both modules have the same rate so only which module is called changes.
-The official nested path uses the subset regime for every ``r > 0``; here a list behaves like separate tensors.
+The official nested path uses the subset regime for every ``r > 0``; here packed groups behave like separate tensors
+(the same random draws, in group order, and the same values).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from dinov2.layers.attention import Attention
-from dinov2.layers.drop_path import DropPath, drop_add_residual_subsets
+from dinov2.layers.drop_path import DropPath, drop_add_residual_rows
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import Mlp
 
-Tokens = torch.Tensor | list[torch.Tensor]
+
+class PackedTokens(NamedTuple):
+    """Tokens of several groups in one tensor: ``flat`` ``(sum b_i n_i, D)``, group ``i`` its next ``b_i n_i`` rows
+    (sample-major) with ``shapes[i] = (b_i, n_i)``. A NamedTuple, so module hooks that map over tensors in the
+    arguments (FSDP2's input casting) see ``flat``."""
+
+    flat: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
 
 
-def _pack(xs: list[torch.Tensor]) -> torch.Tensor:
-    """``[(b_i, n_i, D)] -> (sum b_i n_i, D)``; no copy for a single group."""
+Tokens = torch.Tensor | list[torch.Tensor] | PackedTokens
+
+
+def pack(xs: list[torch.Tensor]) -> PackedTokens:
+    """``[(b_i, n_i, D)] -> PackedTokens``; no copy for a single group."""
     D = xs[0].shape[-1]
-    return xs[0].reshape(-1, D) if len(xs) == 1 else torch.cat([x.reshape(-1, D) for x in xs])
+    flat = xs[0].reshape(-1, D) if len(xs) == 1 else torch.cat([x.reshape(-1, D) for x in xs])
+    return PackedTokens(flat, tuple((x.shape[0], x.shape[1]) for x in xs))
 
 
-def _unpack(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Inverse of :func:`_pack`: views of ``flat`` shaped ``(b_i, n_i, D)``."""
-    D = flat.shape[-1]
-    sizes = [b * n for b, n in shapes]
-    return [part.view(b, n, D) for part, (b, n) in zip(flat.split(sizes), shapes)]
+def unpack(tokens: PackedTokens) -> list[torch.Tensor]:
+    """Inverse of :func:`pack`: views of ``tokens.flat`` shaped ``(b_i, n_i, D)``."""
+    D = tokens.flat.shape[-1]
+    sizes = [b * n for b, n in tokens.shapes]
+    return [part.view(b, n, D) for part, (b, n) in zip(tokens.flat.split(sizes), tokens.shapes)]
 
 
 class Block(nn.Module):
@@ -92,39 +107,57 @@ class Block(nn.Module):
         self.sample_drop_ratio = drop_path
 
     def forward(self, x: Tokens) -> Tokens:
-        """Apply the block to ``(B, N, D)`` or to a list of ``(b_i, n_i, D)`` groups (returns the same structure)."""
+        """Apply the block to ``(B, N, D)``, to a list of ``(b_i, n_i, D)`` groups, or to :class:`PackedTokens`
+        (returns the same structure)."""
+        if isinstance(x, PackedTokens):
+            return PackedTokens(self.forward_flat(x.flat, x.shapes), x.shapes)
         if isinstance(x, torch.Tensor):
-            return self.forward_packed([x])[0]
+            B, N, D = x.shape
+            return self.forward_flat(x.reshape(B * N, D), ((B, N),)).view(B, N, D)
         return self.forward_packed(list(x))
 
     def forward_packed(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Packed forward of ``xs`` (each ``(b_i, n_i, D)``); equal to running each group alone (up to rounding)."""
-        xs = self._add_residual(xs, self._attn_residual, self.drop_path1)
-        return self._add_residual(xs, self._ffn_residual, self.drop_path2)
+        tokens = pack(xs)
+        return unpack(PackedTokens(self.forward_flat(tokens.flat, tokens.shapes), tokens.shapes))
 
-    def _attn_residual(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        shapes = [(x.shape[0], x.shape[1]) for x in xs]
-        flat = self.ls1(self.attn.forward_packed(self.norm1(_pack(xs)), shapes))
-        return _unpack(flat, shapes)
+    def forward_flat(self, flat: torch.Tensor, shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """The block on packed rows ``(sum b_i n_i, D)`` of groups ``shapes``; returns the same shape."""
+        flat = self._add_residual(flat, shapes, self._attn_residual, self.drop_path1)
+        return self._add_residual(flat, shapes, self._ffn_residual, self.drop_path2)
 
-    def _ffn_residual(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        shapes = [(x.shape[0], x.shape[1]) for x in xs]
-        return _unpack(self.ls2(self.mlp(self.norm2(_pack(xs)))), shapes)
+    def _attn_residual(self, flat: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return self.ls1(self.attn.forward_packed(self.norm1(flat), shapes))
+
+    def _ffn_residual(self, flat: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(flat)))
 
     def _add_residual(
         self,
-        xs: list[torch.Tensor],
-        residual_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+        flat: torch.Tensor,
+        shapes: tuple[tuple[int, int], ...],
+        residual_fn: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor],
         drop_path: nn.Module,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         r = self.sample_drop_ratio
         if self.training and r > 0.1:
-            return drop_add_residual_subsets(xs, residual_fn, r)
-        residuals = residual_fn(xs)
+            return drop_add_residual_rows(flat, shapes, residual_fn, r)
+        residual = residual_fn(flat, list(shapes))
         if self.training and r > 0.0:
-            # DropPath draws per sample, so calling it per group equals running the groups separately.
-            return [x + drop_path(res) for x, res in zip(xs, residuals)]
-        return [x + res for x, res in zip(xs, residuals)]
+            residual = self._drop_samples(residual, shapes, drop_path)
+        return flat + residual
+
+    @staticmethod
+    def _drop_samples(
+        residual: torch.Tensor, shapes: tuple[tuple[int, int], ...], drop_path: nn.Module
+    ) -> torch.Tensor:
+        """Per-sample stochastic depth on packed rows: DropPath draws per sample of each group, so it is applied
+        per group (as if the groups ran separately). A DropPath gives one factor per row instead of splitting."""
+        if isinstance(drop_path, DropPath):
+            scale = drop_path.row_scale(shapes, residual)
+            return residual if scale is None else residual * scale
+        groups = unpack(PackedTokens(residual, shapes))
+        return torch.cat([drop_path(g).reshape(g.shape[0] * g.shape[1], -1) for g in groups])
 
 
 # The official name of the block class that accepts lists; ``Block`` already does.

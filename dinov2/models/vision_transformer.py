@@ -14,7 +14,17 @@ from functools import partial
 import torch
 from torch import nn
 
-from dinov2.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused, interpolate_pos_embed
+from dinov2.layers import (
+    Block,
+    BlockChunk,
+    Mlp,
+    PackedTokens,
+    PatchEmbed,
+    SwiGLUFFNFused,
+    interpolate_pos_embed,
+    pack,
+    unpack,
+)
 from dinov2.layers.attention import check_backend
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
@@ -197,15 +207,13 @@ class DinoVisionTransformer(nn.Module):
         masks_list = list(masks_list) if masks_list is not None else [None] * len(x_list)
         if len(masks_list) != len(x_list):
             raise ValueError(f"{len(x_list)} inputs but {len(masks_list)} masks")
-        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        # packed once: every block then runs on the one (sum b_i n_i, D) tensor, and so does the final norm
+        tokens = pack([self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)])
         for blk in self.blocks:
-            xs = blk(xs)
-        D = self.embed_dim
-        sizes = [x.shape[0] * x.shape[1] for x in xs]
-        normed = self.norm(torch.cat([x.reshape(-1, D) for x in xs])).split(sizes)  # one LayerNorm call
-        return [
-            self._output_dict(n.view_as(x), x, m) for n, x, m in zip(normed, xs, masks_list)
-        ]  # fmt: skip
+            tokens = blk(tokens)
+        xs = unpack(tokens)
+        normed = unpack(PackedTokens(self.norm(tokens.flat), tokens.shapes))
+        return [self._output_dict(n, x, m) for n, x, m in zip(normed, xs, masks_list)]
 
     def forward_features(
         self, x: torch.Tensor | Sequence[torch.Tensor], masks: torch.Tensor | Sequence | None = None

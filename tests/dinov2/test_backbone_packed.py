@@ -159,3 +159,78 @@ def test_packed_equals_separate_cuda(backend):
         sep = [model.forward_features(glob, masks=masks), model.forward_features(local)]
     for p, s in zip(packed, sep):
         torch.testing.assert_close(p["x_prenorm"], s["x_prenorm"], atol=1e-4, rtol=1e-4)
+
+
+def _two_groups(dim: int = 16):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 5, dim, generator=g), torch.randn(4, 2, dim, generator=g)]
+
+
+def test_packed_per_sample_drop_path_matches_per_group_reference():
+    # The packed rows get one DropPath factor per sample, drawn group by group for each branch, as the groups would be.
+    torch.manual_seed(0)
+    blk = Block(16, 2, qkv_bias=True, init_values=1.0, drop_path=0.05).train()
+    xs = _two_groups()
+    torch.manual_seed(0)  # a seed where one of the 14 draws drops a sample
+    out = blk(xs)
+    torch.manual_seed(0)  # a seed where one of the 14 draws drops a sample
+    keep = 0.95
+    attn_keep = [torch.empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep) for x in xs]
+    ys = [x + blk.ls1(blk.attn(blk.norm1(x))) * k for x, k in zip(xs, attn_keep)]
+    ffn_keep = [torch.empty(y.shape[0], 1, 1).bernoulli_(keep).div_(keep) for y in ys]
+    ref = [y + blk.ls2(blk.mlp(blk.norm2(y))) * k for y, k in zip(ys, ffn_keep)]
+    assert any(bool((k == 0).any()) for k in attn_keep + ffn_keep)  # some sample did drop, so alignment matters
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_subset_regime_matches_per_group_reference():
+    torch.manual_seed(0)
+    blk = Block(16, 2, qkv_bias=True, init_values=1.0, drop_path=0.5).train()
+    xs = _two_groups()
+    torch.manual_seed(5)
+    out = blk(xs)
+    torch.manual_seed(5)
+
+    def branch(values, fn):
+        idx = [torch.randperm(v.shape[0])[: subset_size(v.shape[0], 0.5)] for v in values]
+        outs = []
+        for v, i in zip(values, idx):
+            updated = v.clone()
+            updated[i] += (v.shape[0] / len(i)) * fn(v[i])
+            outs.append(updated)
+        return outs
+
+    ys = branch(xs, lambda t: blk.ls1(blk.attn(blk.norm1(t))))
+    ref = branch(ys, lambda t: blk.ls2(blk.mlp(blk.norm2(t))))
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_gradients_equal_separate():
+    # Packing must not change the gradient either: split/cat backward paths and the attention views.
+    model = tiny(num_register_tokens=2)
+    glob, local, masks = crops()
+    packed = model.forward_features([glob, local], masks=[masks, None])
+    loss = sum((o["x_norm_patchtokens"] * torch.linspace(-1, 1, o["x_norm_patchtokens"].shape[-1])).sum()
+               + o["x_norm_clstoken"].pow(2).sum() for o in packed)
+    grads_packed = torch.autograd.grad(loss, list(model.parameters()))
+    sep = [model.forward_features(glob, masks=masks), model.forward_features(local)]
+    loss = sum((o["x_norm_patchtokens"] * torch.linspace(-1, 1, o["x_norm_patchtokens"].shape[-1])).sum()
+               + o["x_norm_clstoken"].pow(2).sum() for o in sep)
+    grads_sep = torch.autograd.grad(loss, list(model.parameters()))
+    for (name, _), gp, gs in zip(model.named_parameters(), grads_packed, grads_sep):
+        torch.testing.assert_close(gp, gs, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_packed_tokens_pass_through_block_chunks():
+    from dinov2.layers import PackedTokens, pack, unpack
+
+    model = tiny(block_chunks=2)
+    glob, local, _ = crops()
+    tokens = pack([model.prepare_tokens_with_masks(glob), model.prepare_tokens_with_masks(local)])
+    for chunk in model.blocks:
+        tokens = chunk(tokens)
+    assert isinstance(tokens, PackedTokens) and tokens.shapes == ((4, 17), (6, 5))
+    groups = unpack(tokens)
+    assert [tuple(g.shape) for g in groups] == [(4, 17, 32), (6, 5, 32)]
