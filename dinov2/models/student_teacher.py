@@ -13,6 +13,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from dinov2.config import DinoConfig, IbotConfig, StudentConfig
 from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
@@ -130,15 +131,31 @@ class StudentTeacher(nn.Module):
     def teacher_logits(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Teacher head outputs, fp32: DINO (2B, K) of the global crops (crop-major), iBOT (M, K) of masked tokens."""
         out = self.teacher["backbone"](batch["collated_global_crops"], is_training=True)
-        dino_logits = ibot_logits = None
-        if self.do_dino:
-            # natural crop order; dino_crop_losses pairs student crop 1 with teacher crop 2 and vice versa
-            dino_logits = self.teacher["dino_head"](out["x_norm_clstoken"]).float()
+        # natural crop order; dino_crop_losses pairs student crop 1 with teacher crop 2 and vice versa
+        cls = out["x_norm_clstoken"] if self.do_dino else None
+        masked = None
         if self.do_ibot:
             patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
             masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
-            ibot_logits = self.teacher[self.ibot_head_name](masked).float()
-        return dino_logits, ibot_logits
+        dino_logits, ibot_logits = self._heads(self.teacher, cls, masked)
+        return (
+            dino_logits.float() if dino_logits is not None else None,
+            ibot_logits.float() if ibot_logits is not None else None,
+        )
+
+    def _heads(
+        self, role: nn.ModuleDict, cls: torch.Tensor | None, masked: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Head outputs of ``role`` (student or teacher) for CLS tokens (DINO head) and masked patch tokens (iBOT
+        head); either input may be None. A shared head runs once on both sets of rows, as the official
+        ``SSLMetaArch`` does: its weight-normalised prototype layer (K x bottleneck) is then built, cast by autocast,
+        and back-propagated through once per step instead of twice."""
+        if cls is not None and masked is not None and not self.separate_ibot_head:
+            logits = role["dino_head"](torch.cat((cls, masked)))
+            return logits[: cls.shape[0]], logits[cls.shape[0] :]
+        dino = role["dino_head"](cls) if cls is not None else None
+        ibot = role[self.ibot_head_name](masked) if masked is not None else None
+        return dino, ibot
 
     @torch.no_grad()
     def targets_from_logits(
@@ -209,22 +226,46 @@ class StudentTeacher(nn.Module):
             targets: precomputed (DINO, iBOT) teacher targets of this batch (gradient accumulation computes them for
                 all micro-batches first, see ``targets_from_logits``); None computes them here.
         """
-        dino_targets, ibot_targets = targets if targets is not None else self.teacher_targets(batch, teacher_temp)
+        if targets is None:
+            with record_function("teacher_forward"):
+                targets = self.teacher_targets(batch, teacher_temp)
+        dino_targets, ibot_targets = targets
         global_crops = batch["collated_global_crops"]
         local_crops = batch["collated_local_crops"]
         masks = batch["collated_masks"]
         has_locals = self.n_local_crops > 0 and local_crops.shape[0] > 0
         crops = [global_crops, local_crops] if has_locals else [global_crops]
         crop_masks = [masks if self.do_ibot else None, None] if has_locals else [masks if self.do_ibot else None]
-        outputs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
+        with record_function("student_forward"):
+            outputs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
+        with record_function("heads_losses"):
+            return self._student_losses(batch, outputs, has_locals, dino_targets, ibot_targets)
+
+    def _student_losses(
+        self,
+        batch: dict,
+        outputs: list[dict],
+        has_locals: bool,
+        dino_targets: torch.Tensor | None,
+        ibot_targets: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The student heads on the backbone ``outputs`` (global crops, then locals) and the loss terms."""
+        masks = batch["collated_masks"]
         global_out = outputs[0]
         global_cls = global_out["x_norm_clstoken"]  # (2B, D)
+        cls = None
+        if self.do_dino:
+            cls = torch.cat([global_cls, outputs[1]["x_norm_clstoken"]]) if has_locals else global_cls
+        masked = None
+        if self.do_ibot:
+            patches = global_out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
+            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
+        dino_logits, ibot_logits = self._heads(self.student, cls, masked)
 
         losses: dict[str, torch.Tensor] = {}
         total = global_cls.new_zeros((), dtype=torch.float32)
         if self.do_dino:
-            cls_tokens = [global_cls] + ([outputs[1]["x_norm_clstoken"]] if has_locals else [])
-            logits = self.student["dino_head"](torch.cat(cls_tokens)).float()  # (2B + n_local*B, K)
+            logits = dino_logits.float()  # (2B + n_local*B, K)
             global_logits, local_logits = logits[: global_cls.shape[0]], logits[global_cls.shape[0] :]
             dino_terms = dino_crop_losses(global_logits, local_logits, dino_targets, self.dino_loss.student_temp)
             for name, value in dino_terms.items():
@@ -237,11 +278,8 @@ class StudentTeacher(nn.Module):
             losses["koleo_loss"] = self.koleo_loss_weight * koleo
             total = total + losses["koleo_loss"]
         if self.do_ibot:
-            patches = global_out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
-            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
-            student_logits = self.student[self.ibot_head_name](masked).float()  # (M, K)
             ibot_loss = self.ibot_patch_loss.forward_masked(
-                student_logits,
+                ibot_logits.float(),  # (M, K)
                 ibot_targets,
                 student_masks_flat=masks,
                 n_masked_patches=int(batch["n_masked_patches"].item()),
