@@ -1,5 +1,7 @@
 """Official parameter groups: layer-wise lr decay, patch-embed multiplier, weight-decay exclusions, last layer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -58,3 +60,56 @@ def test_groups_are_fused_and_scheduled():
         expected_lr = 0.0 if group["is_last_layer"] else group["lr_multiplier"]
         assert group["lr"] == pytest.approx(expected_lr)
         assert group["weight_decay"] == pytest.approx(0.5 * group["wd_multiplier"])
+
+
+def _model_and_twin():
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_custom", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32,
+                              init_values=1e-5)
+    head = DINOHead(32, 64, hidden_dim=16, bottleneck_dim=8)
+    modules = {"backbone": backbone, "dino_head": head}
+    twin = {name: copy.deepcopy(m) for name, m in modules.items()}
+    return modules, twin
+
+
+def _set_grads(modules: dict, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    for module in modules.values():
+        for p in module.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_optimizer_step_equals_per_parameter_adamw_bitwise():
+    # The multi-tensor (foreach) AdamW the trainer builds gives exactly the per-parameter loop's numbers.
+    modules, twin = _model_and_twin()
+    fast = build_optimizer(build_param_groups(modules, 0.9, 0.2), 0.9, 0.999)
+    groups = build_param_groups(twin, 0.9, 0.2)
+    loop = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), foreach=False)
+    for step in range(4):
+        for opt, mods in ((fast, modules), (loop, twin)):
+            apply_schedules(opt, lr=1e-3 * (step + 1), wd=0.04 + 0.01 * step, last_layer_lr=5e-4)
+            _set_grads(mods, step)
+            opt.step()
+    for name in modules:
+        for (pname, a), b in zip(modules[name].named_parameters(), twin[name].parameters()):
+            assert torch.equal(a, b), f"{name}.{pname}"
+
+
+def test_ema_update_equals_per_parameter_loop_bitwise():
+    from dinov2.distributed.parallel import update_teacher
+    from dinov2.models.student_teacher import StudentTeacher
+
+    model = StudentTeacher.__new__(StudentTeacher)
+    torch.nn.Module.__init__(model)
+    student, teacher = _model_and_twin()
+    model.student, model.teacher = torch.nn.ModuleDict(student), torch.nn.ModuleDict(teacher)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    expected = {}
+    for name, module in model.teacher.items():
+        for (pname, t), s in zip(module.named_parameters(), model.student[name].parameters()):
+            expected[f"{name}.{pname}"] = t.detach().clone().mul_(0.992).add_(s.detach(), alpha=1 - 0.992)
+    update_teacher(model, 0.992)
+    for key, value in model.teacher.named_parameters():
+        assert torch.equal(value, expected[key]), key
