@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check on a machine with no package registry: install the wheels gathered by `make gpu-bundle` (carried in
 # .gpu_bundle/) offline into this machine's python, then run the gpu-marked tests and the GPU benches (train-step
-# MFU for ViT-S/14 and ViT-L/14, packed vs separate multi-crop under SDPA and xformers, faiss GPU vs CPU) within
-# about 8 minutes, writing every log and summary.md under $OUT.
+# MFU with its per-phase profiler breakdown for ViT-S/14 and ViT-L/14, each with packed vs separate multi-crop timed
+# alternately; the backbone's packed vs separate multi-crop under SDPA and xformers; faiss GPU vs CPU) within about
+# 8 minutes, writing every log and summary.md under $OUT.
 #
 # Usage: scripts/gpu_check.sh [--no-cuda] [--no-install]
 #   --no-cuda     skip everything that needs a CUDA device: the benches run as CPU smoke runs (--quick) and the
@@ -105,13 +106,15 @@ step environment 60 environment
 
 if [ $NO_CUDA = 1 ]; then
   step pytest_gpu 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests
-  step bench_train_step_quick 240 "$PY" bench/train_step.py --quick --device cpu --precisions fp32
+  step bench_train_step_quick 240 "$PY" bench/train_step.py --quick --device cpu --precisions fp32 \
+    --multicrop packed,separate
   step bench_faiss_smoke 120 "$PY" bench/faiss_gpu.py --n 20000 --d 64 --queries 2000 --centroids 200 --threads 2
 else
   step pytest_gpu 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests
-  step bench_train_step_vits 90 "$PY" bench/train_step.py --device cuda --precisions bf16 --batch 64 --iters 5
-  step bench_train_step_vitl 120 "$PY" bench/train_step.py --device cuda --arch vit_large --precisions bf16 \
-    --batch 32 --iters 5
+  step bench_train_step_vits 120 "$PY" bench/train_step.py --device cuda --precisions bf16 --batch 64 --iters 5 \
+    --multicrop packed,separate
+  step bench_train_step_vitl 150 "$PY" bench/train_step.py --device cuda --arch vit_large --precisions bf16 \
+    --batch 32 --iters 5 --multicrop packed,separate
   step bench_backbone_sdpa 60 env DINOV2_ATTN_BACKEND=sdpa "$PY" bench/backbone.py --device cuda
   step bench_backbone_xformers 60 env DINOV2_ATTN_BACKEND=xformers "$PY" bench/backbone.py --device cuda
   step bench_faiss 90 "$PY" bench/faiss_gpu.py --n 1000000 --d 256 --queries 50000 --centroids 10000
