@@ -31,7 +31,8 @@ re-casts included) anywhere in the step.
 
 ``--compare REV`` builds a second model from the ``dinov2`` package of git revision REV (same config schema assumed)
 and times the two alternately in this process (REV, this tree, REV, ...), so load on a shared machine hits both
-alike; medians are reported with their ratio.
+alike; medians are reported with their ratio, beside the ratios of the fastest steps and of the process CPU time
+(what the step computed, not what it waited for: the steadier figure when other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class Arm:
     groups: dict[str, list[torch.nn.Parameter]]
     flops: float
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds, all threads
     losses: list[float] = field(default_factory=list)
     phases: dict | None = None
 
@@ -404,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(iters):  # round robin, so load on a shared machine hits every arm alike
                 for arm in arms:
                     sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     arm.losses.append(train_step(arm, batch, device, dtype, cfg.optim.clip_grad))
                     sync(device)
                     arm.times.append(time.perf_counter() - t0)
+                    arm.cpu_times.append(time.process_time() - c0)
             for arm in arms:
                 seconds = statistics.median(arm.times)
                 images_per_s = batch_size / seconds
@@ -415,11 +418,19 @@ def main(argv: list[str] | None = None) -> int:
                 finite = all(math.isfinite(v) for v in arm.losses)
                 rows.append((device.type, name, arm.label, batch_size, seconds, images_per_s, arm.flops / 1e9,
                              achieved, peak, peak_n, achieved / peak if peak else float("nan"), finite))
+            for arm in arms:
+                notes.append(f"{device.type} {name} {arm.label}: s/step of each timed step "
+                             + " ".join(f"{t:.2f}" for t in arm.times)
+                             + "; process CPU s " + " ".join(f"{t:.2f}" for t in arm.cpu_times))
             if len(arms) > 1:
-                base = statistics.median(arms[0].times)
+                base = arms[0]
                 for arm in arms[1:]:
-                    notes.append(f"{device.type} {name}: {arm.label} is {base / statistics.median(arm.times):.2f}x "
-                                 f"the speed of {arms[0].label} (medians of {iters} alternated steps)")
+                    wall = statistics.median(base.times) / statistics.median(arm.times)
+                    fastest = min(base.times) / min(arm.times)
+                    cpu = statistics.median(base.cpu_times) / statistics.median(arm.cpu_times)
+                    notes.append(f"{device.type} {name}: {arm.label} is {wall:.2f}x the speed of {base.label} "
+                                 f"(medians of {iters} alternated steps; fastest steps {fastest:.2f}x; process CPU "
+                                 f"time {cpu:.2f}x, the figure least moved by other jobs on a shared machine)")
             if not args.no_breakdown:
                 for arm in arms:
                     arm.phases = profile_step(arm, cfg, samples, device, dtype)
