@@ -92,7 +92,8 @@ def iterations_per_second(root: Path, calibration_iters: int) -> float:
     overrides = training_overrides(root / "ssl", root / "calibration", calibration_iters) + STUDENT
     seconds = run(overrides + ["train.log_period=1"], root / "calibration")
     rows = [json.loads(line) for line in (root / "calibration" / "training_metrics.json").read_text().splitlines()]
-    steady = [r["iter_time"] for r in rows[2:]] or [seconds / calibration_iters]  # the first steps warm up
+    steps = [r["iter_time"] for r in rows if "iter_time" in r]  # not the event rows (e.g. a collapse warning)
+    steady = steps[2:] or [seconds / calibration_iters]  # the first steps warm up
     return 1.0 / (sum(steady) / len(steady))
 
 
