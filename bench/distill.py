@@ -16,8 +16,9 @@ Student: a 64-d x 4-block ViT with the same patch grid (about a sixth of the tea
 3. SSL from scratch: the same student, DINO + iBOT + KoLeo with its own EMA teacher, for as many iterations as fit
    in W (its seconds per iteration measured on a short calibration run first), with the same recipe otherwise.
 
-Each model's EMA backbone is scored by the official kNN (T = 0.07, k = 10 and 20). Results are printed, never
-asserted. Everything runs fp32 on the CPU.
+Each model's EMA backbone is scored by the official kNN (T = 0.07, k = 10 and 20), and for reference the distilled
+student's live weights (not its EMA) and its random initialisation. Results are printed, never asserted. Everything
+runs fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench.learning import IMAGE_PX, mcnemar_p, training_overrides, write_photos
 from dinov2.config import load_config, save_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
+from dinov2.train.distill import build_distillation, plan_distillation  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
 from dinov2.train.train import train  # noqa: E402
 from dinov2.weights import load_backbone  # noqa: E402
@@ -66,15 +68,32 @@ def newest_export(folder: Path) -> Path:
 
 
 def knn(weights: Path, root: Path, num_heads: int) -> dict[str, np.ndarray]:
-    backbone = load_backbone(weights, num_heads=num_heads)  # not the hub's 64-d heads: these ViTs are custom
-    return evaluate_knn(backbone, root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20), per_image=True)["correct"]
+    return knn_of(load_backbone(weights, num_heads=num_heads), root)  # not the hub's 64-d heads: custom ViTs
+
+
+def distilled_student_knn(overrides: list[str], out: Path, root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """kNN of the distilled student's random initialisation and of its live (trained, not averaged) weights."""
+    cfg = load_config(None, overrides)
+    model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False))
+    backbone = model.student["student__backbone"]
+    scores = {"init": knn_of(backbone, root)}
+    newest = max((out / "checkpoints").glob("iter_*"), key=lambda p: int(p.name.split("_")[1]))
+    model.load_state_dict(torch.load(newest / "state.pth", weights_only=True)["model"])
+    scores["live"] = knn_of(backbone, root)
+    return scores
+
+
+def knn_of(backbone: torch.nn.Module, root: Path) -> dict[str, np.ndarray]:
+    return evaluate_knn(backbone.eval(), root / "knn_train", root / "knn_val", IMAGE_PX, (10, 20),
+                        per_image=True)["correct"]
 
 
 def iterations_per_second(root: Path, calibration_iters: int) -> float:
     overrides = training_overrides(root / "ssl", root / "calibration", calibration_iters) + STUDENT
     seconds = run(overrides + ["train.log_period=1"], root / "calibration")
     rows = [json.loads(line) for line in (root / "calibration" / "training_metrics.json").read_text().splitlines()]
-    steady = [r["iter_time"] for r in rows[2:]] or [seconds / calibration_iters]  # the first steps warm up
+    steps = [r["iter_time"] for r in rows if "iter_time" in r]  # not the event rows (e.g. a collapse warning)
+    steady = steps[2:] or [seconds / calibration_iters]  # the first steps warm up
     return 1.0 / (sum(steady) / len(steady))
 
 
@@ -108,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         ssl_dir = root / "scratch"
         ssl_s = run(training_overrides(root / "ssl", ssl_dir, ssl_iters) + STUDENT, ssl_dir)
 
+        reference = distilled_student_knn(distill_overrides, distill_dir, root)
         correct = {
             "teacher (SSL, 128-d x 6)": knn(newest_export(teacher_dir), root, 4),
             "student distilled": knn(newest_export(distill_dir / "students" / "student"), root, 2),
             "student SSL from scratch": knn(newest_export(ssl_dir), root, 2),
+            "(distilled, live weights)": reference["live"],
+            "(student at random init)": reference["init"],
         }
         total_s = time.perf_counter() - start
 

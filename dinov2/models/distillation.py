@@ -12,7 +12,13 @@ each student is kept and is the final model. Where the paper is silent, this mod
 - every student has its own DINO (and iBOT) head, as wide as its own embedding, with the teacher's prototype count
   (the cross-entropy compares distributions over the same prototypes);
 - the teacher runs once per batch and its targets are shared by all students; students never interact, so a run
-  with several students trains each exactly as a run with that student alone would (same batches).
+  with several students trains each exactly as a run with that student alone would (same batches);
+- the spare EMA averages the student's iterates only: it follows the teacher-momentum schedule, but with the
+  initial weights' share removed (the bias correction of Adam, Kingma & Ba 2015, section 3, applied to weights).
+  In self-distillation the EMA *is* the teacher and must start equal to the student; here it only has to be the
+  final model, and a plain EMA started at the random initialisation keeps prod(m_t) of it, 0.74 after 60 steps of
+  the 0.99 -> 1 cosine schedule (a distilled student then scores like an untrained one). Over the paper's 625k
+  iterations that share is 0 and the two EMAs are the same.
 
 Interface: the same as :class:`~dinov2.models.student_teacher.StudentTeacher`, so the training loop is shared:
 ``forward(batch, teacher_temp)`` returns named loss terms (``<student>/<term>``, their sum ``total_loss`` and the
@@ -150,6 +156,9 @@ class Distillation(nn.Module):
         for param in [*self.frozen_teacher.parameters(), *self.teacher.parameters()]:
             param.requires_grad = False
 
+        # prod of the momenta so far: the share of the initial weights a plain EMA would still hold (float64: it
+        # is divided by 1 - share, which fp32 rounds badly once momenta are within 1e-7 of 1)
+        self.register_buffer("ema_init_share", torch.ones((), dtype=torch.float64))
         self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes(dino, ibot))
         self.koleo_loss = KoLeoLoss()
@@ -237,8 +246,25 @@ class Distillation(nn.Module):
         return losses
 
     @torch.no_grad()
+    def ema_momentum(self, momentum: float) -> float:
+        """The momentum of this step's EMA update for the scheduled ``momentum`` m_t; call once per update.
+
+        With P_t = m_1 ... m_t, the EMA e_t = m'_t e_(t-1) + (1 - m'_t) s_t with m'_t = m_t (1 - P_(t-1)) / (1 - P_t)
+        is the plain EMA started at zero divided by 1 - P_t: the same weights on the student iterates s_t, none on
+        the initialisation (m'_1 = 0: the first update copies the student). m'_t -> m_t once P_t is negligible.
+        """
+        before = float(self.ema_init_share)
+        after = before * momentum
+        self.ema_init_share.fill_(after)
+        if after >= 1.0:  # momentum 1 from the start: nothing to average yet, the EMA stays put
+            return momentum
+        return momentum * (1.0 - before) / (1.0 - after)
+
+    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA of every student part: ema <- m * ema + (1 - m) * student (the frozen teacher never changes)."""
+        """EMA of every student part with the initialisation's share removed (see :meth:`ema_momentum`):
+        ema <- m' * ema + (1 - m') * student (the frozen teacher never changes)."""
+        momentum = self.ema_momentum(momentum)
         ema = [p for module in self.teacher.values() for p in module.parameters()]
         live = [p for key in self.teacher for p in self.student[key].parameters()]
         torch._foreach_mul_(ema, momentum)

@@ -229,6 +229,12 @@ def ema_exports(model: torch.nn.Module, teacher_state: dict[str, torch.Tensor],
     return {output_dir / "students" / name: state for name, state in split_by_student(teacher_state).items()}
 
 
+def ema_momentum(model: torch.nn.Module, momentum: float) -> float:
+    """The momentum of this step's EMA update: the scheduled one in self-distillation (the EMA is the teacher),
+    the students' spare EMA's bias-corrected one in distillation (see ``Distillation.ema_momentum``)."""
+    return model.ema_momentum(momentum) if isinstance(model, Distillation) else momentum
+
+
 def ema_backbones(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The EMA backbones by student name ("" for self-distillation's teacher)."""
     if not isinstance(model, Distillation):
@@ -259,5 +265,5 @@ def flops_per_image(model: Distillation, crops: CropsConfig, device: torch.devic
     return teacher + 3 * students
 
 
-__all__ = ["DistillationPlan", "build_distillation", "check_pairing", "ema_backbones", "ema_exports",
+__all__ = ["DistillationPlan", "build_distillation", "check_pairing", "ema_backbones", "ema_exports", "ema_momentum",
            "flops_per_image", "head_fit_config", "load_frozen_teacher", "plan_distillation", "teacher_config_path"]

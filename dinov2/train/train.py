@@ -38,7 +38,7 @@ from dinov2.train.checkpoint import (
 )
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.collapse import describe as describe_collapse
-from dinov2.train.distill import build_distillation, ema_backbones, ema_exports, plan_distillation
+from dinov2.train.distill import build_distillation, ema_backbones, ema_exports, ema_momentum, plan_distillation
 from dinov2.train.distill import flops_per_image as distillation_flops_per_image
 from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
 from dinov2.train.metrics import MetricLogger, count_forward_flops
@@ -372,7 +372,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
         if backbone_frozen:
             update_teacher_heads(model, hp["mom"])
         else:
-            parallel.update_teacher(model, hp["mom"])
+            parallel.update_teacher(model, ema_momentum(model, hp["mom"]))
 
         # --- metrics ---
         values = {k: float(v.detach()) for k, v in loss_terms.items()}

@@ -106,6 +106,40 @@ def test_teacher_frozen_bitwise_and_gradients_reach_students_only(image_folder, 
     assert rows[0]["tflops"] > 0
 
 
+def test_spare_ema_is_the_average_of_the_student_iterates_not_of_its_initialisation(image_folder, teacher_run,
+                                                                                    tmp_path):
+    """The scored model is the students' EMA: it must hold the trained weights, whatever the run length. A plain EMA
+    started at the random initialisation keeps prod(m_t) of it (0.74 after the bench's 60 steps): the bias-corrected
+    EMA weighs the iterates s_t by (1 - m_t) prod_(u>t) m_u, normalised, and the initialisation by 0."""
+    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run))
+    model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=True))
+    backbone = model.student["student__backbone"]
+    momenta = [0.99, 0.995, 0.999, 1.0]  # the cosine schedule's kind of values, its final 1 included
+    iterates, weights = [], []
+    for step, momentum in enumerate(momenta):
+        with torch.no_grad():
+            for param in model.student.parameters():
+                param.add_(torch.randn_like(param))  # a student step
+        iterates.append(backbone.cls_token.detach().clone())
+        weights = [w * momentum for w in weights] + [1.0 - momentum]
+        model.update_teacher(momentum)
+        if step == 0:  # the first update copies the student
+            assert all(torch.equal(model.teacher[k].state_dict()[n], v) for k in model.teacher
+                       for n, v in model.student[k].state_dict().items())
+    want = sum(w * s for w, s in zip(weights, iterates)) / sum(weights)
+    torch.testing.assert_close(model.teacher["student__backbone"].cls_token, want, rtol=1e-5, atol=1e-6)
+    assert float(model.ema_init_share) == pytest.approx(float(np.prod(momenta)))
+
+    # through the loop: after one step the exported (scored) EMA is exactly the trained student
+    train(cfg, DistEnv())
+    state = checkpoint(tmp_path, 0)
+    students = [k for k in state if k.startswith("student.student__")]
+    assert students and all(torch.equal(state[k], state[k.replace("student.", "teacher.", 1)]) for k in students)
+    hub = torch.load(tmp_path / "students" / "student" / "eval" / "training_0" / "teacher_backbone_hub.pth",
+                     weights_only=True)
+    assert all(torch.equal(v, state[f"student.student__backbone.{k}"]) for k, v in hub.items())
+
+
 class StopAt:
     """A preemption source (the SLURM handler's interface) that asks to stop after ``iteration``."""
 
