@@ -4,7 +4,7 @@ Usage:
     python bench/learning.py                  # ~10 minutes on 2 cores (photos)
     python bench/learning.py --iters 60       # a smoke run
     python bench/learning.py --data tux       # drawings (needs tuxpaint-stamps-default)
-    python bench/learning.py --data glyphs    # letters in 69 fonts (Debian font packages, see below)
+    python bench/learning.py --data emoji     # emoji drawings in 14 semantic classes (Debian packages, see below)
     python bench/learning.py ibot.loss_weight=0 dino.koleo_loss_weight=0   # ablations: any training overrides
 
 Data (real images, nothing downloaded at run time):
@@ -17,11 +17,14 @@ Data (real images, nothing downloaded at run time):
   images (animals, food, household, plants, seasonal, symbols, town, vehicles), at most 80 images per class,
   composited onto white at 64 px. Per class a seeded 60/40 split gives the kNN train and val sets. The classes are
   semantic and there are 287 training drawings: a few minutes of SSL moves kNN by ~5 points, not significantly.
-
-- ``glyphs``: letters and digits as classes (15: ``ABEGKMRSWX23568``) drawn in the installed outline fonts (69
-  with Debian's ``fonts-urw-base35 fonts-dejavu-core fonts-dejavu-extra fonts-freefont-ttf fonts-noto-mono``),
-  each at a random size, position, tilt (+-20 degrees) and light/dark colour pair, 64 px. A seeded 60/40 split of the
-  fonts gives kNN train (41 fonts, 615 images) and val (28 fonts, 420 images): val letters are in unseen typefaces.
+- ``emoji``: colour emoji, two independent artworks of each: Google's Noto Color Emoji and EmojiOne 3 (``apt-get
+  install unicode-data fonts-noto-color-emoji ruby-gemojione``; EmojiOne's 64 px PNGs come with the Ruby gem). Classes
+  are 14 concepts made of Unicode's emoji subgroups (``/usr/share/unicode/emoji/emoji-test.txt``): mammal, bird,
+  bug/sea/reptile, plant, fruit/vegetable, dish, drink, vehicle, building, sky/weather, clothing, sport, tool, music;
+  single-code-point emoji only, at most 40 per class. A seeded 60/40 split of the emoji gives kNN train (471 images)
+  and val (313): both drawings of an emoji go to its split, so val holds animals, dishes, vehicles... never seen in
+  training. Each drawing is placed at a random size (40-80% of the side), tilt and position on a random light
+  gradient, 64 px. Random-init kNN is well above chance (7.1%) but low: the classes are semantic, not visual.
 
 In all three, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
 says whether the trained model's gain over random init is more than noise.
@@ -46,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -126,47 +129,116 @@ def write_photos(root: Path) -> int:
     return len(photos)
 
 
-FONT_ROOT = Path("/usr/share/fonts")
-GLYPHS = "ABEGKMRSWX23568"
-NOT_LATIN_TEXT = ("symbol", "dingbat", "d050000l", "math", "fallback")  # fonts without ordinary Latin letters
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")  # unicode-data: every emoji's CLDR subgroup
+NOTO_EMOJI = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")  # fonts-noto-color-emoji
+EMOJIONE_GEMS = Path("/usr/share/rubygems-integration/all/gems")  # ruby-gemojione: gemojione-*/assets/png/<CODE>.png
+# One class per concept; a concept that Unicode spreads over several subgroups of emoji-test.txt merges them.
+EMOJI_CLASSES = {
+    "mammal": ("animal-mammal",),
+    "bird": ("animal-bird",),
+    "bug_sea_reptile": ("animal-bug", "animal-marine", "animal-reptile", "animal-amphibian"),
+    "plant": ("plant-flower", "plant-other"),
+    "fruit_vegetable": ("food-fruit", "food-vegetable"),
+    "dish": ("food-prepared", "food-asian", "food-marine", "food-sweet"),
+    "drink": ("drink", "dishware"),
+    "vehicle": ("transport-ground", "transport-air", "transport-water"),
+    "building": ("place-building", "place-religious"),
+    "sky_weather": ("sky & weather",),
+    "clothing": ("clothing",),
+    "sport": ("sport",),
+    "tool": ("tool",),
+    "music": ("musical-instrument", "music"),
+}
+MAX_EMOJI_PER_CLASS = 40
 
 
-def glyph_fonts() -> list[Path]:
-    """The installed outline fonts that draw ordinary Latin letters and digits, in a fixed order."""
-    fonts = sorted(p for p in FONT_ROOT.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
-    return [p for p in fonts if not any(word in p.name.lower() for word in NOT_LATIN_TEXT)]
+def emoji_split() -> dict[str, tuple[list[int], list[int]]]:
+    """Per class, (kNN-train, kNN-val) code points: the single-code-point emoji of its subgroups (skin-tone, ZWJ and
+    flag sequences left out), at most MAX_EMOJI_PER_CLASS in a seeded choice, split 60/40 by emoji."""
+    subgroups: dict[str, list[int]] = {}
+    subgroup = ""
+    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#"):  # "1F98A ; fully-qualified # 🦊 E3.0 fox"
+            codes, status = line.split("#", 1)[0].split(";")
+            points = [int(c, 16) for c in codes.split() if c != "FE0F"]  # FE0F only asks for the colour form
+            if status.strip() == "fully-qualified" and len(points) == 1:
+                subgroups.setdefault(subgroup, []).append(points[0])
+    rng = np.random.default_rng(3)
+    out = {}
+    for name, parts in EMOJI_CLASSES.items():
+        unknown = [part for part in parts if part not in subgroups]
+        if unknown:
+            raise ValueError(f"{EMOJI_TEST} has no emoji subgroup {unknown[0]!r}")
+        points = [p for part in parts for p in subgroups[part]]
+        pick = sorted(rng.choice(len(points), size=min(len(points), MAX_EMOJI_PER_CLASS), replace=False))
+        chosen = [points[i] for i in rng.permutation(pick)]
+        n_train = int(round(0.6 * len(chosen)))
+        out[name] = (chosen[:n_train], chosen[n_train:])
+    return out
 
 
-def render_glyph(font_path: Path, char: str, rng: np.random.Generator) -> Image.Image:
-    """``char`` in one font at a random size, position, tilt and colour pair (dark on light or the reverse)."""
-    from PIL import ImageDraw, ImageFont
-
-    big = 4 * IMAGE_PX  # drawn large, then rotated and downsampled, so thin strokes survive
-    font = ImageFont.truetype(str(font_path), int(big * rng.uniform(0.45, 0.75)))
-    light, dark = tuple(int(v) for v in rng.integers(170, 256, 3)), tuple(int(v) for v in rng.integers(0, 90, 3))
-    background, ink = (light, dark) if rng.random() < 0.5 else (dark, light)
-    canvas = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
-    x = (big - (right - left)) / 2 - left + rng.uniform(-0.12, 0.12) * big
-    y = (big - (bottom - top)) / 2 - top + rng.uniform(-0.12, 0.12) * big
-    draw.text((x, y), char, font=font, fill=ink)
-    canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BICUBIC, fillcolor=background)
-    return canvas.resize((IMAGE_PX, IMAGE_PX), Image.Resampling.LANCZOS)
+def emoji_drawings(point: int, font: ImageFont.FreeTypeFont, emojione: Path) -> list[Image.Image]:
+    """The emoji as drawn by Noto Color Emoji and by EmojiOne (where each has it), RGBA cropped to the drawing."""
+    drawings = []
+    noto = Image.new("RGBA", (160, 160))  # the font's one bitmap size is 136 x 128
+    ImageDraw.Draw(noto).text((0, 0), chr(point), font=font, embedded_color=True)
+    drawings.append(noto)
+    png = emojione / f"{point:04X}.png"
+    if png.is_file():
+        drawings.append(Image.open(png).convert("RGBA"))
+    boxes = [d.getchannel("A").getbbox() for d in drawings]
+    return [d.crop(box) for d, box in zip(drawings, boxes) if box]  # a glyph the font lacks draws nothing
 
 
-def write_glyphs(root: Path) -> int:
-    """One class per character of GLYPHS; each font draws every class once. A seeded 60/40 split of the fonts gives
-    the kNN train and val sets, so val letters are in typefaces the model never saw."""
-    fonts = glyph_fonts()
-    rng = np.random.default_rng(2)
-    order = rng.permutation(len(fonts))
-    n_train = int(round(0.6 * len(fonts)))
-    for rank, f in enumerate(order):
-        split = "knn_train" if rank < n_train else "knn_val"
-        for char in GLYPHS:
-            save_sample(root, split, f"glyph_{char}", int(f), render_glyph(fonts[f], char, rng))
-    return len(GLYPHS)
+def emoji_scene(drawing: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The drawing at a random size (40-80% of the side), tilt (+-15 degrees) and position on a random two-colour
+    gradient, so that neither the background nor the framing tells the class."""
+    ramp = np.linspace(0.0, 1.0, IMAGE_PX)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = np.clip(0.5 + (ramp[None, :] - 0.5) * math.cos(angle) + (ramp[:, None] - 0.5) * math.sin(angle), 0, 1)
+    # light colours: on saturated ones the random-init ViT sees only the background (kNN at chance, measured)
+    low, high = rng.integers(200, 256, (2, 3))
+    canvas = Image.fromarray((low + t[..., None] * (high - low)).astype(np.uint8)).convert("RGBA")
+    size = int(IMAGE_PX * rng.uniform(0.4, 0.8))
+    drawing = drawing.copy()
+    drawing.thumbnail((size, size), Image.Resampling.LANCZOS)
+    drawing = drawing.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BICUBIC, expand=True)
+    x, y = (int(rng.integers(0, IMAGE_PX - extent + 1)) for extent in drawing.size)
+    canvas.alpha_composite(drawing, (x, y))
+    return canvas.convert("RGB")
+
+
+def emojione_dir() -> Path | None:
+    """EmojiOne's 64 px PNGs where ruby-gemojione installs them (the gem's version is part of the path)."""
+    found = sorted(EMOJIONE_GEMS.glob("gemojione-*/assets/png"))
+    return found[-1] if found else None
+
+
+def missing_emoji_packages() -> list[str]:
+    """The Debian packages of the emoji set whose files are not here."""
+    present = {"unicode-data": EMOJI_TEST.is_file(), "fonts-noto-color-emoji": NOTO_EMOJI.is_file(),
+               "ruby-gemojione": emojione_dir() is not None}
+    return [package for package, found in present.items() if not found]
+
+
+def write_emoji(root: Path) -> int:
+    """Each emoji of a class gives one scene per artwork that draws it; an emoji's scenes all go to its split, so kNN
+    val holds emoji never seen in training, in either style."""
+    emojione, missing = emojione_dir(), missing_emoji_packages()
+    if emojione is None or missing:
+        raise FileNotFoundError(f"emoji data set: apt-get install {' '.join(missing)}")
+    font = ImageFont.truetype(str(NOTO_EMOJI), 109)  # 109 px: the size of the font's colour bitmaps
+    rng = np.random.default_rng(4)
+    for name, splits in emoji_split().items():
+        i = 0
+        for split, points in zip(("knn_train", "knn_val"), splits):
+            for point in points:
+                for drawing in emoji_drawings(point, font, emojione):
+                    save_sample(root, split, name, i, emoji_scene(drawing, rng))
+                    i += 1
+    return len(EMOJI_CLASSES)
 
 
 def mcnemar_p(wins: int, losses: int) -> float:
@@ -197,13 +269,13 @@ def training_overrides(data: Path, out: Path, iters: int) -> list[str]:
     ]
 
 
-WRITERS = {"photos": write_photos, "tux": write_tux, "glyphs": write_glyphs}
+WRITERS = {"photos": write_photos, "tux": write_tux, "emoji": write_emoji}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
-    parser.add_argument("--data", choices=("photos", "tux", "glyphs"), default="photos")
+    parser.add_argument("--data", choices=tuple(WRITERS), default="photos")
     parser.add_argument("--workdir", default="", help="keep data and run here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="extra training key=value overrides, e.g. ibot.loss_weight=0")
     args = parser.parse_args(argv)
@@ -213,9 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if data_kind == "tux" and not TUX_ROOT.is_dir():
         print("tuxpaint-stamps-default is not installed: apt-get install tuxpaint-stamps-default", file=sys.stderr)
         return 2
-    if data_kind == "glyphs" and len(glyph_fonts()) < 20:
-        print("too few fonts: apt-get install fonts-urw-base35 fonts-dejavu-core fonts-dejavu-extra fonts-freefont-ttf "
-              "fonts-noto-mono", file=sys.stderr)
+    if data_kind == "emoji" and missing_emoji_packages():
+        print(f"emoji data set: apt-get install {' '.join(missing_emoji_packages())}", file=sys.stderr)
         return 2
 
     with tempfile.TemporaryDirectory() as tmp:
