@@ -218,8 +218,11 @@ def emojione_dir() -> Path | None:
 
 def missing_emoji_packages() -> list[str]:
     """The Debian packages of the emoji set whose files are not here."""
-    present = {"unicode-data": EMOJI_TEST.is_file(), "fonts-noto-color-emoji": NOTO_EMOJI.is_file(),
-               "ruby-gemojione": emojione_dir() is not None}
+    present = {
+        "unicode-data": EMOJI_TEST.is_file(),
+        "fonts-noto-color-emoji": NOTO_EMOJI.is_file(),
+        "ruby-gemojione": emojione_dir() is not None,
+    }
     return [package for package, found in present.items() if not found]
 
 
