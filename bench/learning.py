@@ -24,7 +24,8 @@ Data (real images, nothing downloaded at run time):
   single-code-point emoji only, at most 40 per class. A seeded 60/40 split of the emoji gives kNN train (471 images)
   and val (313): both drawings of an emoji go to its split, so val holds animals, dishes, vehicles... never seen in
   training. Each drawing is placed at a random size (40-80% of the side), tilt and position on a random light
-  gradient, 64 px. Random-init kNN is well above chance (7.1%) but low: the classes are semantic, not visual.
+  gradient, 64 px. The classes are semantic, not visual: random-init kNN (k = 20) is 15.7%, twice chance (7.1%), and
+  300 iterations of the official recipe reach 18.8% (p = 0.15) with the teacher's targets at 0.99 ln K.
 
 In all three, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
 says whether the trained model's gain over random init is more than noise.
