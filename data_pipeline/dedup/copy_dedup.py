@@ -115,7 +115,7 @@ class SharedIndex:
             index_file = Path(self.index_file)
             if index_file.is_file():
                 self._searcher = searcher_from_bytes(pool, self.params, index_file.read_bytes())
-            elif resolve_kind(pool.shape[0], self.params) == "flat":
+            elif resolve_kind(pool.shape[0], pool.shape[1], self.params) == "flat":
                 self._searcher = Searcher(pool, self.params)
             else:  # retraining here could silently give another index than the other slices
                 raise FileNotFoundError(f"shared kNN index {index_file} is missing; re-run the stage")
@@ -280,8 +280,10 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         recall_at_k = measure_recall(*rc, searcher=searcher)
         method = f"sampled:{min(cfg.recall_sample, n)}"
     nlist = searcher.nlist if searcher is not None else 0
-    print(f"[copy_dedup] index={kind_used} nlist={nlist}: edge recall (cos > {cfg.threshold}) {recall:.4f}, "
-          f"recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, {len(removed)} of {n} removed, "
+    mib = (searcher.nbytes if searcher is not None else 0) / (1 << 20)
+    print(f"[copy_dedup] index={kind_used} nlist={nlist} ({mib:.0f} MiB): edge recall (cos > {cfg.threshold}) "
+          f"{recall:.4f}, recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, "
+          f"{len(removed)} of {n} removed, "
           f"largest component {summary['largest'][0] if summary['largest'] else 0}, "
           f"{summary['giant']['count']} above {limit} ({cfg.giant_action})")
     shutil.rmtree(work, ignore_errors=True)
@@ -295,6 +297,8 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         "largest_component": int(summary["largest"][0]) if summary["largest"] else 0,
         "giant_components": summary["giant"]["count"],
         "index": kind_used,
+        "index_bytes": int(searcher.nbytes) if searcher is not None else 0,
+        "memory_budget_gb": cfg.memory_budget_gb,
         "nlist": int(nlist),
         "recall": round(float(recall), 6),
         "recall_at_k": round(float(recall_at_k), 6),
