@@ -18,6 +18,7 @@ come from the GPUs, the scores are still the CPU's exact ones (see `faiss_gpu` f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -388,11 +389,26 @@ def measure_recall(
     Returns:
         |approx top-k ∩ exact top-k| / |exact top-k| summed over the sampled queries; 1.0 when nothing to count.
     """
+    return measure_recalls(base, k, params, sample, seed, queries, searcher, (min_sim,))[0]
+
+
+def measure_recalls(
+    base: np.ndarray,
+    k: int,
+    params: Any,
+    sample: int,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+    searcher: Searcher | None = None,
+    min_sims: Sequence[float | None] = (None,),
+) -> list[float]:
+    """`measure_recall` for several `min_sim` values from one exact and one approximate search of the sample (the
+    exact search reads the whole base, the expensive part at scale)."""
     p = _as_params(params)
     src = base if queries is None else queries
     m = min(sample, src.shape[0])
     if m == 0 or base.shape[0] == 0:
-        return 1.0
+        return [1.0] * len(min_sims)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(src.shape[0], m, replace=False))
     q = to_f32(src[pick])
@@ -404,13 +420,13 @@ def measure_recall(
     else:
         approx = searcher.search(q, k)[1]
         exact_s, exact = exact_search(base, q, k, exact_p)
-    counted = (exact >= 0) if min_sim is None else (exact >= 0) & (exact_s > min_sim)
-    hits = total = 0
-    for a, e, c in zip(approx, exact, counted):
-        e = e[c]
-        hits += int(np.isin(e, a[a >= 0]).sum())
-        total += e.size
-    return float(hits / total) if total else 1.0
+    found = np.array([np.isin(e, a[a >= 0]) for a, e in zip(approx, exact)]).reshape(exact.shape)
+    out = []
+    for min_sim in min_sims:
+        counted = (exact >= 0) if min_sim is None else (exact >= 0) & (exact_s > min_sim)
+        total = int(counted.sum())
+        out.append(float((found & counted).sum() / total) if total else 1.0)
+    return out
 
 
 def index_to_bytes(searcher: Searcher) -> bytes:

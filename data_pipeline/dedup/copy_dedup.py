@@ -30,7 +30,7 @@ from data_pipeline.core.knn import (
     Searcher,
     index_to_bytes,
     knn_params,
-    measure_recall,
+    measure_recalls,
     resolve_kind,
     searcher_from_bytes,
 )
@@ -276,8 +276,7 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         # Edge recall (exact neighbours above the threshold that the index found) is what decides the graph;
         # plain recall@k is dominated by unrelated far neighbours and is reported for reference.
         rc = (pool, k_used, params, cfg.recall_sample, ctx.cfg.seed)
-        recall = measure_recall(*rc, searcher=searcher, min_sim=cfg.threshold)
-        recall_at_k = measure_recall(*rc, searcher=searcher)
+        recall, recall_at_k = measure_recalls(*rc, searcher=searcher, min_sims=(cfg.threshold, None))
         method = f"sampled:{min(cfg.recall_sample, n)}"
     nlist = searcher.nlist if searcher is not None else 0
     mib = (searcher.nbytes if searcher is not None else 0) / (1 << 20)

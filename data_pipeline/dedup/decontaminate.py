@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.executors import SliceTask, slice_runner
-from data_pipeline.core.knn import Searcher, knn_params, measure_recall
+from data_pipeline.core.knn import Searcher, knn_params, measure_recalls
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.copy_dedup import SharedIndex, pool_row_ids, upstream_tag
 from data_pipeline.embed.embed import load_embeddings, parse_eval_set
@@ -82,8 +82,8 @@ def set_recall(searcher: Searcher, evals: np.ndarray, k: int, ctx: StageContext)
         return {**out, "recall": 1.0, "recall_at_k": 1.0, "recall_method": "exact"}
     sample = ctx.cfg.copy_dedup.recall_sample
     rc = (searcher.base, k, searcher.params, sample, ctx.cfg.seed, evals)
-    return {**out, "recall": round(measure_recall(*rc, searcher=searcher, min_sim=ctx.cfg.decontaminate.threshold), 6),
-            "recall_at_k": round(measure_recall(*rc, searcher=searcher), 6),
+    edges, at_k = measure_recalls(*rc, searcher=searcher, min_sims=(ctx.cfg.decontaminate.threshold, None))
+    return {**out, "recall": round(edges, 6), "recall_at_k": round(at_k, 6),
             "recall_method": f"sampled:{min(sample, evals.shape[0])}"}
 
 
