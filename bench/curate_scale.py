@@ -143,7 +143,7 @@ def _params(cfg: dict, n: int):
 
 
 def stage_copy_knn(d: Path, cfg: dict) -> dict:
-    from data_pipeline.core.knn import Searcher, drop_self, index_to_bytes, measure_recall
+    from data_pipeline.core.knn import Searcher, drop_self, index_to_bytes, measure_recalls
     from data_pipeline.dedup.copy_dedup import self_pairs
 
     pool = np.load(d / "pool.npy", mmap_mode="r")
@@ -186,9 +186,9 @@ def stage_copy_knn(d: Path, cfg: dict) -> dict:
     out["index"], out["nlist"], out["index_mib"] = searcher.kind, searcher.nlist, round(searcher.nbytes / 2**20, 1)
     t2 = time.perf_counter()
     if searcher.kind != "flat":
-        rc = (pool, k, params, cfg["recall_sample"], 0)
-        out["recall_edges"] = round(measure_recall(*rc, searcher=searcher, min_sim=COPY_THRESHOLD), 4)
-        out["recall_at_k"] = round(measure_recall(*rc, searcher=searcher), 4)
+        edges, at_k = measure_recalls(pool, k, params, cfg["recall_sample"], 0, searcher=searcher,
+                                      min_sims=(COPY_THRESHOLD, None))
+        out["recall_edges"], out["recall_at_k"] = round(edges, 4), round(at_k, 4)
     else:
         out["recall_edges"] = out["recall_at_k"] = 1.0
     out["recall_s"] = round(time.perf_counter() - t2, 1)
@@ -197,7 +197,7 @@ def stage_copy_knn(d: Path, cfg: dict) -> dict:
 
 
 def stage_decontaminate(d: Path, cfg: dict) -> dict:
-    from data_pipeline.core.knn import measure_recall, searcher_from_bytes
+    from data_pipeline.core.knn import measure_recalls, searcher_from_bytes
 
     pool = np.load(d / "pool.npy", mmap_mode="r")
     evals = np.load(d / "evals.npy", mmap_mode="r")
@@ -212,10 +212,11 @@ def stage_decontaminate(d: Path, cfg: dict) -> dict:
     hit = (idx[: len(planted)] == planted[:, None]) & (sims[: len(planted)] > DECON_THRESHOLD)
     out = {"index_load_s": round(load, 1), "search_s": round(search, 1), "queries": int(len(evals)),
            "matches": int((sims > DECON_THRESHOLD).sum()), "planted_recall": float(hit.any(axis=1).mean())}
-    rc = (pool, 64, params, cfg["recall_sample"], 0, evals)
-    exact = searcher.kind == "flat"
-    out["recall_edges"] = 1.0 if exact else round(measure_recall(*rc, searcher=searcher, min_sim=DECON_THRESHOLD), 4)
-    out["recall_at_k"] = 1.0 if exact else round(measure_recall(*rc, searcher=searcher), 4)
+    edges, at_k = 1.0, 1.0
+    if searcher.kind != "flat":
+        edges, at_k = measure_recalls(pool, 64, params, cfg["recall_sample"], 0, evals, searcher,
+                                      (DECON_THRESHOLD, None))
+    out["recall_edges"], out["recall_at_k"] = round(edges, 4), round(at_k, 4)
     return out
 
 

@@ -408,6 +408,7 @@ def spherical_kmeans(
     seed: int | Sequence[int] = 0,
     max_points_per_centroid: int = 0,
     max_points: int = 0,
+    train_rows: np.ndarray | None = None,
     checkpoint: Checkpointer | None = None,
     tag: str = "kmeans",
     afkmc2_chain: int = 50,
@@ -424,6 +425,7 @@ def spherical_kmeans(
         seed: numpy Generator seed (an int or a sequence, e.g. [seed, level, step]).
         max_points_per_centroid: train on a seeded sample of at most this many points per centroid (0 = all).
         max_points: and of at most this many points in all (0 = no cap), which bounds the float32 training copy.
+        train_rows: train on exactly these sorted rows of `x` instead of a sample (the caps above do not apply).
         checkpoint: where to save/resume `tag` after the seeding and after every iteration.
         device: where the assignment step runs (auto, cpu, gpu).
         slicing: run each iteration's assignment and sums in slices (here or as SLURM arrays); None = one block
@@ -436,9 +438,9 @@ def spherical_kmeans(
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     rng = np.random.default_rng(seed)
     n = len(x)
-    rows = None
+    rows = train_rows
     m = min(max_points_per_centroid * k if max_points_per_centroid > 0 else n, max_points if max_points > 0 else n)
-    if m < n:
+    if rows is None and m < n:
         rows = np.sort(rng.choice(n, m, replace=False))
     xt = load_normalized(x, rows)
     if k < 1 or k > len(xt):
@@ -559,7 +561,8 @@ def hierarchical_kmeans(
             if len(proxy) < k:
                 break
             proxy = cap_rows(proxy, max(max_points, k) if max_points else 0, np.random.default_rng([seed, li, step, 1]))
-            res = spherical_kmeans(load_normalized(inputs, proxy), k, iterations=iterations, init=init,
+            # The proxy rows of `inputs` themselves, not a copy of them passed as a new input: one float32 copy.
+            res = spherical_kmeans(inputs, k, iterations=iterations, init=init, train_rows=proxy,
                                    seed=[seed, li, step], checkpoint=checkpoint, tag=f"{tag}_step{step}",
                                    device=device, slicing=slicing)
             labels, sims = assign_all(inputs, res.centroids, device, slicing, f"{tag}_step{step}")
