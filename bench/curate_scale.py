@@ -8,8 +8,9 @@ sit near cosine 0.3 like copy-detection descriptors of similar scenes), with pla
 - an eval set of 1000 vectors, half of them copies of pool images (cosine > the 0.45 decontamination threshold);
 - a seed set of 200 vectors, each a copy of one pool image (retrieval must return it among its 4 neighbours).
 
-Stages (each in a fresh child process; wall time and peak RSS from `os.wait4`'s rusage, plus the child's sampled
-peak of anonymous memory, i.e. without the clean memmap pages the kernel can drop):
+Stages (each in a fresh child process): wall time, peak RSS (the child's VmHWM: anonymous memory, shared libraries
+and the memmap pages it touched) and the child's peak anonymous memory (sampled every 20 ms; i.e. without the
+clean file pages the kernel can drop):
 - near_dedup: `near_dedup.near_pairs` (Faiss multi-hash, exact) over the hashes; recall of planted pairs.
 - copy_knn: `knn.Searcher` (index chosen by `--memory-budget-gb`, like copy_dedup) + the k = 64 self-kNN graph with
   exact re-rank; recall of planted copies (edge cos > 0.6 found), and the recall vs exact search on a seeded query
@@ -297,6 +298,8 @@ def child(stage: str, d: Path, cfg: dict) -> None:
     stop.set()
     watcher.join()
     out["peak_anon_mib"] = round(peak[0] / 1024, 1)
+    with open("/proc/self/status") as f:  # this process's own high-water mark (exec started a fresh one)
+        out["peak_rss_mib"] = round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024, 1)
     (d / f"result-{stage}.json").write_text(json.dumps(out))
 
 
@@ -304,17 +307,15 @@ def child(stage: str, d: Path, cfg: dict) -> None:
 
 
 def run_stage(stage: str, d: Path, cfg: dict) -> dict:
-    """Run one stage in a fresh child; its own rusage gives the peak RSS (ru_maxrss, kB on Linux)."""
+    """Run one stage in a fresh child. Its peak RSS is the child's own VmHWM: `ru_maxrss` of a child would also
+    carry the parent's high-water mark from before the exec (Linux copies it into the child's counter)."""
     (d / f"result-{stage}.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--dir", str(d), "--cfg", json.dumps(cfg)])
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, __file__, "--child", stage, "--dir", str(d), "--cfg", json.dumps(cfg)])
     if proc.returncode != 0:
         raise SystemExit(f"stage {stage} at {d.name} failed with exit code {proc.returncode}")
     out = json.loads((d / f"result-{stage}.json").read_text())
     out["process_s"] = round(time.perf_counter() - t0, 1)
-    out["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     return out
 
 
