@@ -171,7 +171,7 @@ def _rerank(base: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> 
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by brute force, one `IndexFlatIP` per block of `base_block` base vectors (bounded memory).
+    """Exact top-k by brute force over blocks of `base_block` base vectors (bounded memory: one float32 block).
 
     Args:
         base: float16/float32 [n, d]; queries: [m, d]; k: neighbours per query.
@@ -186,18 +186,20 @@ def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = No
     best_s = np.full((m, k), -np.inf, np.float32)
     best_i = np.full((m, k), -1, np.int64)
     for bs, block in blocks(base, p.base_block):
-        index = faiss.IndexFlatIP(base.shape[1])
+        index = None
         if gpu:
-            index = faiss_gpu.to_gpus(index, block.nbytes)
-        index.add(block)
+            index = faiss_gpu.to_gpus(faiss.IndexFlatIP(base.shape[1]), block.nbytes)
+            index.add(block)
         kk = min(k, block.shape[0])
         for qs in range(0, m, p.query_block):
-            d, i = index.search(to_f32(queries[qs : qs + p.query_block]), kk)
+            q = to_f32(queries[qs : qs + p.query_block])
+            # On the CPU, the brute-force kernel IndexFlatIP.search runs, on the block itself: no index copy.
+            d, i = index.search(q, kk) if gpu else faiss.knn(q, block, kk, faiss.METRIC_INNER_PRODUCT)
             i = np.where(i >= 0, i + bs, -1)
             best_s[qs : qs + len(d)], best_i[qs : qs + len(d)] = top_k(
                 np.hstack([best_s[qs : qs + len(d)], d]), np.hstack([best_i[qs : qs + len(d)], i]), k
             )
-        del index, block  # before the next block is read: peak is one block and its index
+        del index, block  # before the next block is read: peak is one float32 block
     out_s, out_i = np.empty_like(best_s), np.empty_like(best_i)
     for qs in range(0, m, p.query_block):
         q = to_f32(queries[qs : qs + p.query_block])
