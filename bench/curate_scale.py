@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -293,8 +294,13 @@ def child(stage: str, d: Path, cfg: dict) -> None:
     watcher = threading.Thread(target=_watch_anon, args=(peak, stop), daemon=True)
     watcher.start()
     t0 = time.perf_counter()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
     out = globals()[f"stage_{stage}"](d, cfg)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    # CPU seconds of the stage (all threads): on a shared, oversubscribed machine far steadier than wall time.
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = round(ru.ru_utime + ru.ru_stime - cpu0, 1)
     stop.set()
     watcher.join()
     out["peak_anon_mib"] = round(peak[0] / 1024, 1)
@@ -335,7 +341,7 @@ def print_table(results: dict[int, dict], cfg: dict) -> dict:
     ns = sorted(results)
     print(f"\nGlobal stages, 512-d float16 memmaps, {cfg['threads']} threads; time s / peak RSS MiB (anon MiB) / "
           f"planted recall / recall vs exact (edges above threshold, sampled)")
-    head = f"{'stage':<14}" + "".join(f"{f'n={n:,}':>44}" for n in ns) + f"{'time exp':>10}{'RSS exp':>9}"
+    head = f"{'stage':<14}" + "".join(f"{f'n={n:,}':>44}" for n in ns) + f"{'time exp':>10}{'RSS exp':>9}{'cpu exp':>9}"
     print(head)
     growth = {}
     for stage in STAGES:
@@ -355,10 +361,13 @@ def print_table(results: dict[int, dict], cfg: dict) -> dict:
         have = [n for n in ns if stage in results[n]]
         te = slope(have, [stage_time(stage, results[n][stage]) for n in have])
         me = slope(have, [results[n][stage]["peak_anon_mib"] for n in have])
-        growth[stage] = {"time": te, "anon_memory": me}
+        with_cpu = [n for n in have if "cpu_s" in results[n][stage] and stage != "copy_knn"]
+        ce = slope(with_cpu, [results[n][stage]["cpu_s"] for n in with_cpu]) if len(with_cpu) == len(have) else None
+        growth[stage] = {"time": te, "cpu_time": ce, "anon_memory": me}
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"{stage:<14}" + "".join(cells) + f"{fmt(te):>10}{fmt(me):>9}")
+        print(f"{stage:<14}" + "".join(cells) + f"{fmt(te):>10}{fmt(me):>9}{fmt(ce):>9}")
     print("* copy_knn: index build + all-query time extrapolated linearly from the timed query sample.")
+    print("time exp / RSS exp / cpu exp: log-log slopes of wall time, peak anonymous memory and CPU seconds.")
     return growth
 
 
