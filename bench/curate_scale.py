@@ -1,166 +1,444 @@
-"""Benchmark: spherical k-means and kNN (IVF vs exact flat) at pool scale, on random-but-clustered vectors.
+"""Benchmark: every global curation stage's core at pool scale (1M, 2M, 4M; 10M opt-in), with measured growth.
 
-Data: `--n` x `--d` float16 unit vectors around `n/100` gaussian centres (the stored pool format).
-(a) spherical k-means (data_pipeline.cluster.kmeans) with `n/100` clusters, `--iterations` Lloyd iterations:
-    seeding time, time per iteration, the final whole-pool assignment, objective.
-(b) kNN k=64 (data_pipeline.core.knn): IVF build + search at several nprobe vs exact flat search on `--queries` fresh
-    queries from the same distribution; recall@k against the exact result.
+Data, per size n (written once to `--workdir/<n>/` as float16 `.npy` files, read back as memory maps, the format the
+stages read): 512-d unit vectors around n/100 gaussian centres (noise norm 1.5, so unrelated images of one centre
+sit near cosine 0.3 like copy-detection descriptors of similar scenes), with planted near-copies:
+- n/1000 copy pairs (copy = normalise(source + noise), cosine 0.74-0.98 > the 0.6 copy threshold);
+- 64-bit perceptual hashes with n/1000 planted pairs within Hamming distance 1-4;
+- an eval set of 1000 vectors, half of them copies of pool images (cosine > the 0.45 decontamination threshold);
+- a seed set of 200 vectors, each a copy of one pool image (retrieval must return it among its 4 neighbours).
+
+Stages (each in a fresh child process): wall time, peak RSS (the child's VmHWM: anonymous memory, shared libraries
+and the memmap pages it touched) and the child's peak anonymous memory (sampled every 20 ms; i.e. without the
+clean file pages the kernel can drop):
+- near_dedup: `near_dedup.near_pairs` (Faiss multi-hash, exact) over the hashes; recall of planted pairs.
+- copy_knn: `knn.Searcher` (index chosen by `--memory-budget-gb`, like copy_dedup) + the k = 64 self-kNN graph with
+  exact re-rank; recall of planted copies (edge cos > 0.6 found), and the recall vs exact search on a seeded query
+  sample that copy_dedup prints. `--query-sample Q` times Q random queries and extrapolates the all-query time
+  linearly (marked `*` in the table); 0 runs the stage's own resumable `copy_dedup.self_pairs` over every row.
+- decontaminate: the eval set against the pool (k = 64) through the copy_knn index (loaded, not rebuilt: production
+  rebuilds it, add copy_knn's build time), planted recall and sampled recall vs exact.
+- kmeans: `spherical_kmeans` trained on a sample (max points per centroid) + whole-pool `assign`.
+- hkmeans: `hierarchical_kmeans` (levels, resampling steps, sampled training, every step re-assigns the pool).
+- retrieve: seed set `sample` mode (block-wise exact search, k = 4), `cluster` mode assignment to the k-means
+  centroids and a balanced hierarchical sample from the hkmeans levels; recall of planted seeds.
 
 Usage:
-    python bench/curate_scale.py                  # 1M x 384, 10k clusters, 10 iterations (target < 10 min on 2 cores)
-    python bench/curate_scale.py --n 100000       # quick check: 100k x 384, 1k clusters
+    python bench/curate_scale.py --sizes 1M 2M 4M --workdir /tmp/scale --json scale.json
+    python bench/curate_scale.py --sizes 100k 200k             # quick check
+    python bench/curate_scale.py --sizes 10M --query-sample 20000   # opt-in: ~10 GiB of float16 vectors on disk
 
-Measured (shared 2-core box, other jobs running, faiss-cpu 1.15.1, 2 threads, AFK-MC²):
-    --n 1000000 --max-points-per-centroid 32: seeding 42 s, 40.5 s/iteration, train 447 s, whole-pool assignment
-        94 s, total 541 s; kNN k=64, 1000 queries: flat 21.5 s; IVF4000 build 170 s, nprobe 16: 1.1 s, recall 1.0.
-    --n 200000 --max-points-per-centroid 100 --faiss: train 57 s vs faiss.Kmeans 43 s on the same job.
+Growth exponent per stage: least-squares slope of log(wall time) (and log(peak RSS)) against log(n).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.cluster.kmeans import Checkpointer, assign, set_threads, spherical_kmeans
-from data_pipeline.core.knn import KnnParams, Searcher, exact_search
+STAGES = ("near_dedup", "copy_knn", "decontaminate", "kmeans", "hkmeans", "retrieve")
+COPY_THRESHOLD, DECON_THRESHOLD = 0.6, 0.45
+D = 512
 
 
-def make_data(n: int, d: int, centres: int, noise: float, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """float16 [n, d] pool and float16 [queries, d] queries: unit centres + gaussian noise of norm ~`noise`,
-    L2-normalised, generated block by block."""
-    rng = np.random.default_rng(seed)
-    c = rng.standard_normal((centres, d)).astype(np.float32)
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-
-    def draw(m: int) -> np.ndarray:
-        out = np.empty((m, d), dtype=np.float16)
-        for s in range(0, m, 1 << 16):
-            b = min(1 << 16, m - s)
-            x = c[rng.integers(centres, size=b)] + rng.standard_normal((b, d), dtype=np.float32) * (noise / d**0.5)
-            out[s : s + b] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return out
-
-    return draw(n), draw(queries)
+def parse_size(text: str) -> int:
+    """'1M' -> 1000000, '200k' -> 200000, '5000' -> 5000."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 1M, 200k or 5000")
+    return int(float(m.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[m.group(2).lower()])
 
 
-class Clock(Checkpointer):
-    """A real checkpointer that also stamps the time of every save (seeding done, then each iteration)."""
-
-    def __init__(self, work_dir: Path) -> None:
-        super().__init__(work_dir)
-        self.stamps: list[float] = []
-
-    def save(self, tag, centroids, iteration, rng) -> None:
-        self.stamps.append(time.perf_counter())
-        super().save(tag, centroids, iteration, rng)
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def bench_kmeans(x: np.ndarray, k: int, args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        clock = Clock(Path(tmp))
-        t0 = time.perf_counter()
-        res = spherical_kmeans(x, k, iterations=args.iterations, init=args.init, seed=0,
-                               max_points_per_centroid=args.max_points_per_centroid, checkpoint=clock)
-        train = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    labels, sims = assign(x, res.centroids)
-    assign_s = time.perf_counter() - t1
-    sizes = np.bincount(labels, minlength=k)
-    per_iter = np.diff(clock.stamps)
-    return {
-        "clusters": k, "iterations": args.iterations, "init": args.init,
-        "train_points": min(len(x), args.max_points_per_centroid * k) if args.max_points_per_centroid else len(x),
-        "seeding_s": round(clock.stamps[0] - t0, 1), "iteration_s": round(float(per_iter.mean()), 1),
-        "train_s": round(train, 1), "assign_pool_s": round(assign_s, 1), "total_s": round(train + assign_s, 1),
-        "mean_cos": round(float(sims.mean()), 4), "empty": int((sizes == 0).sum()), "max_size": int(sizes.max()),
-    }
+def _copies(src: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """normalise(src + noise) with noise norm uniform in [lo, hi]: cosine 1/sqrt(1 + norm^2) to the source."""
+    noise = _unit(rng.standard_normal(src.shape).astype(np.float32))
+    return _unit(src + noise * rng.uniform(lo, hi, (len(src), 1)).astype(np.float32)).astype(np.float16)
 
 
-def bench_faiss_kmeans(x: np.ndarray, k: int, args: argparse.Namespace) -> dict:
-    """The same job with faiss.Kmeans (spherical, same init and sample size), as a yardstick on the same machine."""
-    import faiss
-
-    inits = {"afkmc2": faiss.ClusteringInitMethod_AFK_MC2, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-             "random": faiss.ClusteringInitMethod_RANDOM}
-    xt = np.ascontiguousarray(x, dtype=np.float32)
-    faiss.normalize_L2(xt)
-    mppc = args.max_points_per_centroid or len(xt) // k + 1
-    km = faiss.Kmeans(x.shape[1], k, niter=args.iterations, spherical=True, max_points_per_centroid=mppc, seed=0)
-    km.cp.init_method = inits[args.init]
+def make_data(n: int, out: Path, seed: int = 0) -> dict:
+    """Write pool.npy, hashes.npy, evals.npy, seeds.npy and planted.npz under `out` (skipped when present)."""
+    meta_file = out / "data.json"
+    if meta_file.is_file():
+        return json.loads(meta_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    km.train(xt)
+    rng = np.random.default_rng([seed, n])
+    n_centres = max(1, n // 100)
+    centres = _unit(rng.standard_normal((n_centres, D)).astype(np.float32))
+    pool = np.lib.format.open_memmap(out / "pool.tmp.npy", mode="w+", dtype=np.float16, shape=(n, D))
+    for s in range(0, n, 1 << 16):
+        b = min(1 << 16, n - s)
+        x = centres[rng.integers(n_centres, size=b)] + rng.standard_normal((b, D), dtype=np.float32) * (1.5 / D**0.5)
+        pool[s : s + b] = _unit(x)
+    pairs = max(1, n // 1000)
+    perm = rng.permutation(n)[: 2 * pairs]
+    src, dst = np.sort(perm[:pairs]), perm[pairs:]
+    pool[dst] = _copies(np.asarray(pool[src], np.float32), rng, 0.2, 0.9)  # cos 0.74 .. 0.98
+    pool.flush()
+    del pool
+    os.replace(out / "pool.tmp.npy", out / "pool.npy")
+    pool = np.load(out / "pool.npy", mmap_mode="r")
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    hashes ^= rng.integers(0, 2, size=n).astype(np.uint64)
+    h_src, h_dst = np.sort(perm[:pairs]), perm[pairs:]
+    flips = rng.integers(1, 5, size=pairs)
+    for a, b, f in zip(h_src, h_dst, flips):
+        mask = np.uint64(0)
+        for bit in rng.choice(64, f, replace=False):
+            mask |= np.uint64(1) << np.uint64(bit)
+        hashes[b] = hashes[a] ^ mask
+    np.save(out / "hashes.npy", hashes)
+    n_eval, n_seed = 1000, 200
+    e_src = np.sort(rng.choice(n, n_eval // 2, replace=False))
+    evals = np.concatenate([_copies(np.asarray(pool[e_src], np.float32), rng, 0.2, 0.9),
+                            _copies(centres[rng.integers(n_centres, size=n_eval // 2)], rng, 1.5, 1.5)])
+    np.save(out / "evals.npy", evals)
+    s_src = np.sort(rng.choice(n, n_seed, replace=False))
+    np.save(out / "seeds.npy", _copies(np.asarray(pool[s_src], np.float32), rng, 0.2, 0.6))
+    np.savez(out / "planted.npz", copy_a=src, copy_b=dst, hash_a=h_src, hash_b=h_dst, eval_src=e_src, seed_src=s_src)
+    meta = {"n": n, "d": D, "centres": n_centres, "copy_pairs": pairs, "gen_s": round(time.perf_counter() - t0, 1),
+            "pool_bytes": int(n * D * 2)}
+    meta_file.write_text(json.dumps(meta))
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------- child stages
+
+
+def _pair_recall(found_a: np.ndarray, found_b: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Share of planted pairs (a, b) among the found unordered pairs."""
+    found = set(zip(np.minimum(found_a, found_b).tolist(), np.maximum(found_a, found_b).tolist()))
+    return float(np.mean([(min(x, y), max(x, y)) in found for x, y in zip(a.tolist(), b.tolist())]))
+
+
+def stage_near_dedup(d: Path, cfg: dict) -> dict:
+    from data_pipeline.core.config import HashConfig
+    from data_pipeline.dedup.near_dedup import near_pairs
+
+    hashes = np.load(d / "hashes.npy")
+    p = np.load(d / "planted.npz")
+    i, j, _ = near_pairs(hashes, HashConfig(threshold=4, threads=cfg["threads"]))
+    return {"pairs": int(i.size), "planted_recall": _pair_recall(i, j, p["hash_a"], p["hash_b"])}
+
+
+def _params(cfg: dict, n: int):
+    from data_pipeline.core.knn import KnnParams
+
+    nlist = int(cfg["nlist_factor"] * n**0.5) if cfg["nlist_factor"] > 0 else 0
+    return KnnParams(memory_budget_gb=cfg["memory_budget_gb"], nlist=nlist, threads=cfg["threads"],
+                     flat_max=min(200_000, n - 1))
+
+
+def stage_copy_knn(d: Path, cfg: dict) -> dict:
+    from data_pipeline.core.knn import Searcher, drop_self, index_to_bytes, measure_recalls
+    from data_pipeline.dedup.copy_dedup import self_pairs
+
+    pool = np.load(d / "pool.npy", mmap_mode="r")
+    p = np.load(d / "planted.npz")
+    n, k = len(pool), 64
+    params = _params(cfg, n)
+    floor = COPY_THRESHOLD - 0.05  # copy_dedup keeps the audit band below the threshold too
+    out: dict = {}
+    t0 = time.perf_counter()
+    if cfg["query_sample"] <= 0:
+        work = d / "copy_work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        a, b, s, searcher = self_pairs(pool, k, floor, params, work)
+        out["search_s"] = round(time.perf_counter() - t0, 1)
+        out["queries"] = n
+        edge = s > COPY_THRESHOLD
+        out["planted_recall"] = _pair_recall(a[edge], b[edge], p["copy_a"], p["copy_b"])
+        out["edges"] = int(edge.sum())
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        searcher = Searcher(pool, params)
+        out["build_s"] = round(time.perf_counter() - t0, 1)
+        rows = np.sort(np.random.default_rng(1).choice(n, min(cfg["query_sample"], n), replace=False))
+        t1 = time.perf_counter()
+        for s0 in range(0, len(rows), 1 << 14):
+            r = rows[s0 : s0 + (1 << 14)]
+            drop_self(*searcher.search(pool[r], k + 1), r, k)
+        sampled = time.perf_counter() - t1
+        out["queries"] = int(len(rows))
+        out["search_sample_s"] = round(sampled, 1)
+        out["search_s"] = round(out["build_s"] + sampled * n / len(rows), 1)  # build + extrapolated all-query time
+        # Planted copies: both endpoints query; an edge is found when either one returns the other above 0.6.
+        ends = np.concatenate([p["copy_a"], p["copy_b"]])
+        order = np.argsort(ends)
+        sims, idx = drop_self(*searcher.search(pool[ends[order]], k + 1), ends[order], k)
+        q = np.repeat(ends[order], k)
+        ok = (idx.ravel() >= 0) & (sims.ravel() > COPY_THRESHOLD)
+        out["planted_recall"] = _pair_recall(q[ok], idx.ravel()[ok], p["copy_a"], p["copy_b"])
+    out["index"], out["nlist"], out["index_mib"] = searcher.kind, searcher.nlist, round(searcher.nbytes / 2**20, 1)
+    t2 = time.perf_counter()
+    if searcher.kind != "flat":
+        edges, at_k = measure_recalls(pool, k, params, cfg["recall_sample"], 0, searcher=searcher,
+                                      min_sims=(COPY_THRESHOLD, None))
+        out["recall_edges"], out["recall_at_k"] = round(edges, 4), round(at_k, 4)
+    else:
+        out["recall_edges"] = out["recall_at_k"] = 1.0
+    out["recall_s"] = round(time.perf_counter() - t2, 1)
+    (d / "index.faiss").write_bytes(index_to_bytes(searcher))
+    return out
+
+
+def stage_decontaminate(d: Path, cfg: dict) -> dict:
+    from data_pipeline.core.knn import measure_recalls, searcher_from_bytes
+
+    pool = np.load(d / "pool.npy", mmap_mode="r")
+    evals = np.load(d / "evals.npy", mmap_mode="r")
+    p = np.load(d / "planted.npz")
+    params = _params(cfg, len(pool))
+    t0 = time.perf_counter()
+    searcher = searcher_from_bytes(pool, params, (d / "index.faiss").read_bytes())
+    load = time.perf_counter() - t0
+    sims, idx = searcher.search(evals, 64)
+    search = time.perf_counter() - t0 - load
+    planted = p["eval_src"]
+    hit = (idx[: len(planted)] == planted[:, None]) & (sims[: len(planted)] > DECON_THRESHOLD)
+    out = {"index_load_s": round(load, 1), "search_s": round(search, 1), "queries": int(len(evals)),
+           "matches": int((sims > DECON_THRESHOLD).sum()), "planted_recall": float(hit.any(axis=1).mean())}
+    edges, at_k = 1.0, 1.0
+    if searcher.kind != "flat":
+        edges, at_k = measure_recalls(pool, 64, params, cfg["recall_sample"], 0, evals, searcher,
+                                      (DECON_THRESHOLD, None))
+    out["recall_edges"], out["recall_at_k"] = round(edges, 4), round(at_k, 4)
+    return out
+
+
+def stage_kmeans(d: Path, cfg: dict) -> dict:
+    from data_pipeline.cluster.kmeans import assign, budget_points, set_threads, spherical_kmeans
+
+    set_threads(cfg["threads"])
+    pool = np.load(d / "pool.npy", mmap_mode="r")
+    k = cfg["clusters"]
+    t0 = time.perf_counter()
+    res = spherical_kmeans(pool, k, iterations=cfg["iterations"], init="afkmc2", seed=0,
+                           max_points_per_centroid=cfg["mppc"], max_points=budget_points(cfg["memory_budget_gb"], D))
     train = time.perf_counter() - t0
-    _, labels = km.index.search(xt, 1)
-    return {"train_s": round(train, 1), "empty": int((np.bincount(labels[:, 0], minlength=k) == 0).sum())}
+    labels, sims = assign(pool, res.centroids)
+    np.save(d / "centroids.npy", res.centroids)
+    np.save(d / "labels.npy", labels)
+    sizes = np.bincount(labels, minlength=k)
+    return {"clusters": k, "train_s": round(train, 1), "assign_s": round(time.perf_counter() - t0 - train, 1),
+            "mean_cos": round(float(sims.mean()), 4), "empty": int((sizes == 0).sum())}
 
 
-def bench_knn(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[dict]:
-    k = args.k
+def stage_hkmeans(d: Path, cfg: dict) -> dict:
+    from data_pipeline.cluster.kmeans import budget_points, hierarchical_kmeans, set_threads
+
+    set_threads(cfg["threads"])
+    pool = np.load(d / "pool.npy", mmap_mode="r")
+    levels = hierarchical_kmeans(pool, cfg["levels"], iterations=cfg["iterations"], init="afkmc2", seed=0,
+                                 resample_steps=cfg["resample_steps"], max_points_per_centroid=cfg["mppc"],
+                                 max_points=budget_points(cfg["memory_budget_gb"], D))
+    np.savez(d / "levels.npz", **{f"assign{i}": lv.assign for i, lv in enumerate(levels)},
+             **{f"centroids{i}": lv.centroids for i, lv in enumerate(levels)})
+    return {"levels": [len(lv.centroids) for lv in levels], "resample_steps": cfg["resample_steps"],
+            "objective_l1": round(levels[0].objective, 1)}
+
+
+def stage_retrieve(d: Path, cfg: dict) -> dict:
+    from data_pipeline.cluster.kmeans import Level, assign, balanced_sample, set_threads
+    from data_pipeline.core.knn import KnnParams, exact_search
+
+    set_threads(cfg["threads"])
+    pool = np.load(d / "pool.npy", mmap_mode="r")
+    seeds = np.load(d / "seeds.npy")
+    p = np.load(d / "planted.npz")
     t0 = time.perf_counter()
-    _, exact = exact_search(x, q, k, KnnParams(index="flat", threads=args.threads))
-    rows = [{"index": "flat (exact)", "build_s": 0.0, "search_s": round(time.perf_counter() - t0, 2), "recall": 1.0}]
+    sims, idx = exact_search(pool, seeds, 4, KnnParams(index="flat", threads=cfg["threads"]))
+    sample_s = time.perf_counter() - t0
+    recall = float((idx == p["seed_src"][:, None]).any(axis=1).mean())
+    cent, labels = np.load(d / "centroids.npy"), np.load(d / "labels.npy")
+    lab, _ = assign(seeds, cent)
+    counts = np.bincount(lab, minlength=len(cent))
+    chosen = np.flatnonzero(counts > 3)
+    in_chosen = int(np.isin(labels, chosen).sum())
+    z = np.load(d / "levels.npz")
+    nl = sum(1 for key in z.files if key.startswith("assign"))
+    levels = [Level(z[f"centroids{i}"], z[f"assign{i}"], np.zeros(0, np.float32)) for i in range(nl)]
+    picked = balanced_sample(levels, len(pool) // 10, np.random.default_rng(0))
+    return {"sample_s": round(sample_s, 1), "planted_recall": recall, "cluster_mode_pool_rows": in_chosen,
+            "balanced": int(len(picked)), "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def _watch_anon(peak: list[int], stop: threading.Event) -> None:
+    """Sample RssAnon (kB) every 20 ms: the kernel keeps a high-water mark for RSS as a whole only."""
+    while not stop.is_set():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        stop.wait(0.02)
+
+
+def child(stage: str, d: Path, cfg: dict) -> None:
+    peak, stop = [0], threading.Event()
+    watcher = threading.Thread(target=_watch_anon, args=(peak, stop), daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
-    searcher = Searcher(x, KnnParams(index="ivf", nlist=args.nlist, threads=args.threads))
-    build = time.perf_counter() - t0
-    for nprobe in args.nprobe:
-        searcher.index.nprobe = min(nprobe, searcher.nlist)
-        t0 = time.perf_counter()
-        _, approx = searcher.search(q, k)
-        search = time.perf_counter() - t0
-        recall = np.mean([np.isin(e, a).mean() for a, e in zip(approx, exact)])
-        rows.append({"index": f"ivf{searcher.nlist} nprobe={nprobe}", "build_s": round(build, 1),
-                     "search_s": round(search, 2), "recall": round(float(recall), 4)})
-    return rows
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
+    out = globals()[f"stage_{stage}"](d, cfg)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    # CPU seconds of the stage (all threads): on a shared, oversubscribed machine far steadier than wall time.
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = round(ru.ru_utime + ru.ru_stime - cpu0, 1)
+    stop.set()
+    watcher.join()
+    out["peak_anon_mib"] = round(peak[0] / 1024, 1)
+    with open("/proc/self/status") as f:  # this process's own high-water mark (exec started a fresh one)
+        out["peak_rss_mib"] = round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024, 1)
+    (d / f"result-{stage}.json").write_text(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------------------------------- parent
+
+
+def run_stage(stage: str, d: Path, cfg: dict) -> dict:
+    """Run one stage in a fresh child. Its peak RSS is the child's own VmHWM: `ru_maxrss` of a child would also
+    carry the parent's high-water mark from before the exec (Linux copies it into the child's counter)."""
+    (d / f"result-{stage}.json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", stage, "--dir", str(d), "--cfg", json.dumps(cfg)])
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} at {d.name} failed with exit code {proc.returncode}")
+    out = json.loads((d / f"result-{stage}.json").read_text())
+    out["process_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def slope(ns: list[int], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log n (None with fewer than two sizes)."""
+    if len(ns) < 2 or min(ys) <= 0:
+        return None
+    return float(np.polyfit(np.log(ns), np.log(ys), 1)[0])
+
+
+def stage_time(stage: str, r: dict) -> float:
+    """The time that grows with the pool: for copy_knn the build + all-query search (extrapolated when sampled)."""
+    return r["search_s"] if stage == "copy_knn" else r["wall_s"]
+
+
+def print_table(results: dict[int, dict], cfg: dict) -> dict:
+    ns = sorted(results)
+    print(f"\nGlobal stages, 512-d float16 memmaps, {cfg['threads']} threads; time s / peak RSS MiB (anon MiB) / "
+          f"planted recall / recall vs exact (edges above threshold, sampled)")
+    head = f"{'stage':<14}" + "".join(f"{f'n={n:,}':>44}" for n in ns) + f"{'time exp':>10}{'RSS exp':>9}{'cpu exp':>9}"
+    print(head)
+    growth = {}
+    for stage in STAGES:
+        cells = []
+        for n in ns:
+            r = results[n].get(stage)
+            if r is None:
+                cells.append(f"{'-':>44}")
+                continue
+            t = stage_time(stage, r)
+            star = "*" if stage == "copy_knn" and r.get("queries", n) < n else ""
+            pr = r.get("planted_recall")
+            rec = r.get("recall_edges")
+            cell = (f"{t:.0f}{star} / {r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f}) / "
+                    f"{'-' if pr is None else f'{pr:.3f}'} / {'-' if rec is None else f'{rec:.3f}'}")
+            cells.append(f"{cell:>44}")
+        have = [n for n in ns if stage in results[n]]
+        te = slope(have, [stage_time(stage, results[n][stage]) for n in have])
+        me = slope(have, [results[n][stage]["peak_anon_mib"] for n in have])
+        with_cpu = [n for n in have if "cpu_s" in results[n][stage] and stage != "copy_knn"]
+        ce = slope(with_cpu, [results[n][stage]["cpu_s"] for n in with_cpu]) if len(with_cpu) == len(have) else None
+        growth[stage] = {"time": te, "cpu_time": ce, "anon_memory": me}
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{stage:<14}" + "".join(cells) + f"{fmt(te):>10}{fmt(me):>9}{fmt(ce):>9}")
+    print("* copy_knn: index build + all-query time extrapolated linearly from the timed query sample.")
+    print("time exp / RSS exp / cpu exp: log-log slopes of wall time, peak anonymous memory and CPU seconds.")
+    return growth
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default n/100)")
-    p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--init", default="afkmc2", choices=["afkmc2", "kmeans++", "random"])
-    p.add_argument("--max-points-per-centroid", type=int, default=256, help="train on a sample (0 = all points)")
-    p.add_argument("--noise", type=float, default=0.6, help="noise norm around each unit centre")
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = knn.auto_nlist)")
-    p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/curate_scale"))
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", choices=["kmeans", "knn"], default=None)
-    p.add_argument("--faiss", action="store_true", help="also time faiss.Kmeans on the same job")
+    p.add_argument("--memory-budget-gb", type=float, default=0.45,
+                   help="kNN index budget (copy_dedup.memory_budget_gb; 0.45 picks IVF-PQ from 1M to 10M, the index "
+                        "a 10M pool gets under the default 4.0) and k-means training-copy budget")
+    p.add_argument("--nlist-factor", type=float, default=1.0,
+                   help="IVF lists = factor * sqrt(n); 0 = production auto (~4 sqrt(n), 16x the coarse training work)")
+    p.add_argument("--query-sample", type=int, default=5000, help="timed kNN-graph queries (0 = every pool row)")
+    p.add_argument("--recall-sample", type=int, default=100, help="queries compared with exact search")
+    p.add_argument("--clusters", type=int, default=256, help="flat k-means clusters")
+    p.add_argument("--levels", type=int, nargs="+", default=[256, 16], help="hierarchical k-means levels")
+    p.add_argument("--resample-steps", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--mppc", type=int, default=64, help="k-means training sample: max points per centroid")
+    p.add_argument("--keep-data", action="store_true", help="keep the generated vectors (default: delete after)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--table", type=Path, nargs="+", default=None,
+                   help="only print the table (and write --json) from these result files, merged")
+    p.add_argument("--child", choices=STAGES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cfg", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
-    set_threads(args.threads)
-    k = args.clusters or max(1, args.n // 100)
-    t0 = time.perf_counter()
-    x, q = make_data(args.n, args.d, max(1, args.n // 100), args.noise, args.queries, seed=0)
-    print(f"data: {args.n} x {args.d} float16, {args.n // 100} centres, {time.perf_counter() - t0:.1f} s; "
-          f"threads={args.threads}", flush=True)
-    out: dict = {"n": args.n, "d": args.d, "threads": args.threads}
-    if args.skip != "kmeans":
-        km = bench_kmeans(x, k, args)
-        out["kmeans"] = km
-        print("\n(a) spherical k-means")
-        for key, value in km.items():
-            print(f"  {key:<16} {value}")
-        if args.faiss:
-            out["faiss_kmeans"] = fk = bench_faiss_kmeans(x, k, args)
-            print(f"  faiss.Kmeans     train_s {fk['train_s']} (same init, sample and iterations), empty {fk['empty']}")
-    if args.skip != "knn":
-        rows = bench_knn(x, q, args)
-        out["knn"] = rows
-        print(f"\n(b) kNN k={args.k}, {args.queries} queries")
-        print(f"  {'index':<24} {'build_s':>8} {'search_s':>9} {'recall@k':>9}")
-        for r in rows:
-            print(f"  {r['index']:<24} {r['build_s']:>8} {r['search_s']:>9} {r['recall']:>9}")
+    if args.child:
+        child(args.child, args.dir, json.loads(args.cfg))
+        return
+    if args.table:
+        merged: dict = {"results": {}, "data": {}}
+        for f in args.table:
+            part = json.loads(f.read_text())
+            merged["config"] = part["config"]
+            for n, stages in part["results"].items():
+                merged["results"].setdefault(int(n), {}).update(stages)
+            merged["data"].update({int(n): v for n, v in part["data"].items()})
+        merged["growth"] = print_table(merged["results"], merged["config"])
+        if args.json:
+            args.json.write_text(json.dumps(merged, indent=1) + "\n")
+        return
+    cfg = {"threads": args.threads, "memory_budget_gb": args.memory_budget_gb, "nlist_factor": args.nlist_factor,
+           "query_sample": args.query_sample, "recall_sample": args.recall_sample, "clusters": args.clusters,
+           "levels": args.levels, "resample_steps": args.resample_steps, "iterations": args.iterations,
+           "mppc": args.mppc}
+    results: dict[int, dict] = {}
+    data: dict[int, dict] = {}
+    for n in args.sizes:
+        d = args.workdir / str(n)
+        data[n] = make_data(n, d)
+        print(f"n={n:,}: data {data[n]['pool_bytes'] / 2**30:.2f} GiB float16 ({data[n]['gen_s']} s)", flush=True)
+        results[n] = {}
+        needs = {"decontaminate": "copy_knn", "retrieve": "hkmeans"}
+        for stage in STAGES:
+            if stage not in args.stages or (stage in needs and needs[stage] not in results[n]):
+                continue
+            if stage == "retrieve" and "kmeans" not in results[n]:
+                continue
+            results[n][stage] = r = run_stage(stage, d, cfg)
+            print(f"  {stage:<14} {json.dumps(r)}", flush=True)
+            if args.json:  # after every stage, so that an interrupted run keeps what it measured
+                args.json.write_text(json.dumps({"config": cfg, "data": data, "results": results}, indent=1) + "\n")
+        if not args.keep_data:
+            shutil.rmtree(d, ignore_errors=True)
+    growth = print_table(results, cfg)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        args.json.write_text(json.dumps({"config": cfg, "data": data, "results": results, "growth": growth},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from data_pipeline.cluster.kmeans import (
     Level,
     Slicing,
     assign_all,
+    budget_points,
     cluster_csr,
     hierarchical_kmeans,
     set_threads,
@@ -89,21 +90,22 @@ def finish_cluster(ctx: StageContext, table: pa.Table) -> dict:
     ckpt = Checkpointer(out / "_work")
     slicing = Slicing(slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "cluster"), out / "_work", cfg.slice_rows,
                       cfg.threads)
+    max_points = budget_points(cfg.memory_budget_gb, pool.shape[1])
     requested = [cfg.n_clusters] if cfg.mode == "kmeans" else list(cfg.levels)
     if requested[0] > n:
         log.warning("cluster: %d clusters requested for %d pool images; capped at %d", requested[0], n, n)
     if cfg.mode == "kmeans":
         k = min(cfg.n_clusters, n)
         res = spherical_kmeans(pool, k, iterations=cfg.iterations, init=cfg.init, seed=[ctx.cfg.seed, 1, 0],
-                               max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
-                               tag="level1_step0", device=cfg.device, slicing=slicing)
+                               max_points_per_centroid=cfg.max_points_per_centroid, max_points=max_points,
+                               checkpoint=ckpt, tag="level1_step0", device=cfg.device, slicing=slicing)
         labels, sims = assign_all(pool, res.centroids, cfg.device, slicing, "level1_step0")
         levels = [Level(res.centroids, labels, sims, 0, float(np.sum(1.0 - sims.astype(np.float64))))]
     else:
         levels = hierarchical_kmeans(pool, cfg.levels, iterations=cfg.iterations, init=cfg.init, seed=ctx.cfg.seed,
                                      resample_steps=cfg.resample_steps, resample_size=cfg.resample_size,
-                                     max_points_per_centroid=cfg.max_points_per_centroid, checkpoint=ckpt,
-                                     device=cfg.device, slicing=slicing)
+                                     max_points_per_centroid=cfg.max_points_per_centroid, max_points=max_points,
+                                     checkpoint=ckpt, device=cfg.device, slicing=slicing)
     write_level(out, levels[0])
     if cfg.mode == "hierarchical":
         for li, level in enumerate(levels, start=1):

@@ -32,6 +32,7 @@ import scipy.sparse
 
 from data_pipeline.core import artifacts, faiss_gpu
 from data_pipeline.core.executors import SliceRunner, SliceTask
+from data_pipeline.core.vectors import blocks, release
 
 BLOCK = 65536
 INITS = ("kmeans++", "afkmc2", "random")
@@ -43,23 +44,38 @@ def set_threads(n: int) -> None:
         faiss.omp_set_num_threads(n)
 
 
-def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """float32 [stop-start, d] C-contiguous, L2-normalised copy of rows of `x` (float16 memmaps need the copy)."""
-    block = np.array(x[start:stop], dtype=np.float32, order="C", copy=True)
-    faiss.normalize_L2(block)
-    return block
+def _normalized_blocks(x: np.ndarray, block: int = BLOCK):
+    """(offset, float32 L2-normalised block) over `x`; a memmap's pages are released after each block."""
+    for s, rows in blocks(x, block):
+        faiss.normalize_L2(rows)
+        yield s, rows
 
 
 def load_normalized(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """float32 [m, d] normalised copy of `x` (all rows, or the sorted row indices `rows`), read block by block."""
     if rows is not None:
-        out = np.array(x[rows], dtype=np.float32, order="C", copy=True)
+        out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
+        for s in range(0, len(rows), BLOCK):
+            out[s : s + BLOCK] = x[rows[s : s + BLOCK]]
+            release(x)
         faiss.normalize_L2(out)
         return out
     out = np.empty(x.shape, dtype=np.float32)  # filled in place: peak memory is the copy plus one block
-    for s in range(0, len(x), BLOCK):
-        out[s : s + BLOCK] = _rows(x, s, s + BLOCK)
+    for s, block in _normalized_blocks(x):
+        out[s : s + len(block)] = block
     return out
+
+
+def budget_points(memory_budget_gb: float, d: int) -> int:
+    """Largest k-means training set whose float32 copy fits `memory_budget_gb` GiB."""
+    return max(1, int(memory_budget_gb * (1 << 30)) // (4 * d))
+
+
+def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """`rows` (sorted indices) or, when longer than `cap` > 0, a seeded sorted subsample of `cap` of them."""
+    if 0 < cap < len(rows):
+        return np.sort(rng.choice(rows, cap, replace=False))
+    return rows
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, block: int = BLOCK,
@@ -82,9 +98,9 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = BLOCK,
     n = len(x)
     labels = np.empty(n, dtype=np.int64)
     sims = np.empty(n, dtype=np.float32)
-    for s in range(0, n, block):
-        sim, lab = index.search(_rows(x, s, s + block), 1)
-        labels[s : s + block], sims[s : s + block] = lab[:, 0], sim[:, 0]
+    for s, rows in _normalized_blocks(x, block):
+        sim, lab = index.search(rows, 1)
+        labels[s : s + len(rows)], sims[s : s + len(rows)] = lab[:, 0], sim[:, 0]
     return labels, sims
 
 
@@ -391,6 +407,8 @@ def spherical_kmeans(
     init: str = "kmeans++",
     seed: int | Sequence[int] = 0,
     max_points_per_centroid: int = 0,
+    max_points: int = 0,
+    train_rows: np.ndarray | None = None,
     checkpoint: Checkpointer | None = None,
     tag: str = "kmeans",
     afkmc2_chain: int = 50,
@@ -406,6 +424,8 @@ def spherical_kmeans(
         init: "kmeans++", "afkmc2" or "random" (k distinct points).
         seed: numpy Generator seed (an int or a sequence, e.g. [seed, level, step]).
         max_points_per_centroid: train on a seeded sample of at most this many points per centroid (0 = all).
+        max_points: and of at most this many points in all (0 = no cap), which bounds the float32 training copy.
+        train_rows: train on exactly these sorted rows of `x` instead of a sample (the caps above do not apply).
         checkpoint: where to save/resume `tag` after the seeding and after every iteration.
         device: where the assignment step runs (auto, cpu, gpu).
         slicing: run each iteration's assignment and sums in slices (here or as SLURM arrays); None = one block
@@ -418,9 +438,10 @@ def spherical_kmeans(
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     rng = np.random.default_rng(seed)
     n = len(x)
-    rows = None
-    if 0 < max_points_per_centroid and max_points_per_centroid * k < n:
-        rows = np.sort(rng.choice(n, max_points_per_centroid * k, replace=False))
+    rows = train_rows
+    m = min(max_points_per_centroid * k if max_points_per_centroid > 0 else n, max_points if max_points > 0 else n)
+    if rows is None and m < n:
+        rows = np.sort(rng.choice(n, m, replace=False))
     xt = load_normalized(x, rows)
     if k < 1 or k > len(xt):
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k}, points={len(xt)}")
@@ -504,6 +525,7 @@ def hierarchical_kmeans(
     resample_steps: int = 10,
     resample_size: int = 0,
     max_points_per_centroid: int = 0,
+    max_points: int = 0,
     checkpoint: Checkpointer | None = None,
     device: str = "auto",
     slicing: Slicing | None = None,
@@ -527,8 +549,8 @@ def hierarchical_kmeans(
         k = min(int(k_req), n_in)
         tag = f"level{li}"
         res = spherical_kmeans(inputs, k, iterations=iterations, init=init, seed=[seed, li, 0],
-                               max_points_per_centroid=max_points_per_centroid, checkpoint=checkpoint,
-                               tag=f"{tag}_step0", device=device, slicing=slicing)
+                               max_points_per_centroid=max_points_per_centroid, max_points=max_points,
+                               checkpoint=checkpoint, tag=f"{tag}_step0", device=device, slicing=slicing)
         labels, sims = assign_all(inputs, res.centroids, device, slicing, f"{tag}_step0")
         r = resample_size if resample_size > 0 else int(round(n_in / k / 2))
         done = 0
@@ -538,7 +560,9 @@ def hierarchical_kmeans(
             proxy = closest_per_cluster(labels, sims, k, r)
             if len(proxy) < k:
                 break
-            res = spherical_kmeans(load_normalized(inputs, proxy), k, iterations=iterations, init=init,
+            proxy = cap_rows(proxy, max(max_points, k) if max_points else 0, np.random.default_rng([seed, li, step, 1]))
+            # The proxy rows of `inputs` themselves, not a copy of them passed as a new input: one float32 copy.
+            res = spherical_kmeans(inputs, k, iterations=iterations, init=init, train_rows=proxy,
                                    seed=[seed, li, step], checkpoint=checkpoint, tag=f"{tag}_step{step}",
                                    device=device, slicing=slicing)
             labels, sims = assign_all(inputs, res.centroids, device, slicing, f"{tag}_step{step}")

@@ -2,7 +2,7 @@
 
 Per seed set (embed_ssl/seed-<name>.npy + .parquet), one mode:
 - `as_is`: the seed images themselves (row_id -1 unless an image with the same sha256 is in the pool);
-- `sample`: the `n_neighbors` nearest pool images of every seed image by cosine (exact flat search, `knn.py`),
+- `sample`: the `n_neighbors` nearest pool images of every seed image by cosine (exact block-wise search, `knn.py`),
   optionally only those with similarity >= `min_similarity`;
 - `cluster`: each seed image goes to its nearest level-1 centroid; every cluster holding MORE than
   `min_seeds_in_cluster` seeds contributes `per_cluster` random members (all when smaller), and the set is then capped
@@ -24,7 +24,7 @@ from data_pipeline.cluster.cluster import load_hierarchy, load_level
 from data_pipeline.cluster.kmeans import assign, balanced_sample, set_threads
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig, SeedSetConfig
-from data_pipeline.core.knn import KnnParams, knn_search
+from data_pipeline.core.knn import KnnParams, exact_search
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.embed.embed import load_embeddings
 
@@ -101,10 +101,10 @@ def retrieve_as_is(pool: Pool, seeds: pa.Table, s: SeedSetConfig) -> pa.Table:
 
 
 def retrieve_sample(pool: Pool, vectors: np.ndarray, seeds: pa.Table, s: SeedSetConfig, threads: int) -> pa.Table:
-    """`n_neighbors` nearest pool images per seed image, with similarity >= `min_similarity` (exact flat search;
-    cosines re-scored exactly by `knn.knn_search`)."""
+    """`n_neighbors` nearest pool images per seed image, with similarity >= `min_similarity` (exact search, one
+    flat index per block of the pool, so memory stays bounded by the block whatever the pool size)."""
     k = min(s.n_neighbors, len(pool.vectors))
-    sims, idx = knn_search(pool.vectors, vectors, k, KnnParams(index="flat", threads=threads))
+    sims, idx = exact_search(pool.vectors, vectors, k, KnnParams(index="flat", threads=threads))
     rank = np.broadcast_to(np.arange(k, dtype=np.int32), idx.shape)
     seed_of = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)
     ok = (idx >= 0) & (sims >= s.min_similarity)

@@ -25,7 +25,7 @@ INDEX_KINDS = ("auto", "flat", "multihash")
 EXECUTOR_KINDS = ("local", "slurm")
 EMBEDDER_KINDS = ("torchscript", "dinov2")
 EMBED_DEVICES = ("auto", "cpu", "cuda")
-KNN_INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+KNN_INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq8", "ivfpq")
 FAISS_DEVICES = ("auto", "cpu", "gpu")
 CLUSTER_MODES = ("kmeans", "hierarchical")
 CLUSTER_INITS = ("kmeans++", "afkmc2", "random")
@@ -181,6 +181,7 @@ class CopyDedupConfig:
     threshold: float = 0.6
     index: str = "auto"
     flat_max: int = 200_000
+    memory_budget_gb: float = 4.0
     nlist: int = 0
     nprobe: int = 32
     pq_m: int = 32
@@ -209,6 +210,8 @@ class CopyDedupConfig:
         _at_least("copy_dedup", 1, flat_max=self.flat_max, nprobe=self.nprobe, pq_m=self.pq_m, rerank=self.rerank,
                   threads=self.threads, slice_rows=self.slice_rows)
         _at_least("copy_dedup", 0, nlist=self.nlist, recall_sample=self.recall_sample, audit_pairs=self.audit_pairs)
+        if not self.memory_budget_gb > 0:
+            raise ValueError(f"copy_dedup.memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
 
 @dataclass
@@ -244,6 +247,7 @@ class KMeansConfig:
     resample_size: int = 0
     balanced_size: int = 0
     max_points_per_centroid: int = 256
+    memory_budget_gb: float = 4.0
     threads: int = 2
     device: str = "auto"  # k-means assignment on faiss GPUs when present (auto), or cpu / gpu
     # Points per assignment slice (one SLURM array task each). Slice sums are reduced in slice order, so the result
@@ -262,6 +266,8 @@ class KMeansConfig:
         if min(self.resample_steps, self.resample_size, self.balanced_size, self.max_points_per_centroid) < 0:
             raise ValueError("cluster.resample_*, balanced_size and max_points_per_centroid must be >= 0")
         _at_least("cluster", 1, threads=self.threads, slice_rows=self.slice_rows)
+        if not self.memory_budget_gb > 0:
+            raise ValueError(f"cluster.memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
 
 @dataclass

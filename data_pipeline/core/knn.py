@@ -1,9 +1,11 @@
 """Cosine kNN over L2-normalised embeddings with Faiss: exact flat search or IVF / IVF-PQ plus an exact re-rank.
 
 Cosine similarity is the inner product because every vector is L2-normalised upstream. Faiss takes C-contiguous
-float32 only, so float16 (possibly memory-mapped) arrays are converted one block at a time: memory stays bounded by
-the block sizes plus the index itself (flat and IVF-Flat hold a float32 copy of the base; IVF-PQ holds `pq_m` bytes
-per vector).
+float32 only, so float16 (possibly memory-mapped) arrays are converted one block at a time (`vectors.blocks`, which
+also unmaps each block's pages): memory stays bounded by the block sizes plus the index itself. Index bytes per
+vector (`index_bytes`): flat 4d, IVF-Flat 4d + 8, IVF-SQ8 d + 8, IVF-PQ pq_m + 8 (the 8 are the stored id).
+Under index=auto the kind is the most exact one whose index fits `memory_budget_gb`, so a 10M x 512 pool (20 GB as
+float32) gets a compressed index instead of a float32 copy; the exact re-rank reads the candidates' stored vectors.
 
 Every similarity returned is recomputed exactly from the stored vectors (`exact_scores`), whatever index produced the
 candidates, and rows are ordered by (similarity desc, index asc). So the same pair gets the same float32 score from
@@ -16,6 +18,7 @@ come from the GPUs, the scores are still the CPU's exact ones (see `faiss_gpu` f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -23,8 +26,11 @@ import faiss
 import numpy as np
 
 from data_pipeline.core import faiss_gpu
+from data_pipeline.core.vectors import blocks, release, to_f32
 
-KINDS = ("auto", "flat", "ivf", "ivfpq")
+KINDS = ("auto", "flat", "ivf", "ivfsq8", "ivfpq")
+# Most exact first: index=auto takes the first kind whose index fits the memory budget.
+APPROX_KINDS = ("ivf", "ivfsq8", "ivfpq")
 # Upper bound on the float32 buffer the re-rank gathers at once ([queries, candidates, d]).
 RERANK_BYTES = 64 << 20
 
@@ -34,8 +40,10 @@ class KnnParams:
     """Index choice and search knobs; the copy_dedup config section carries the same names.
 
     Attributes:
-        index: auto (flat up to `flat_max` base vectors, else ivf), flat (exact), ivf (IVF-Flat), ivfpq (IVF-PQ).
+        index: auto (flat up to `flat_max` base vectors, else the first of ivf, ivfsq8, ivfpq whose index fits
+            `memory_budget_gb`), flat (exact), ivf (IVF-Flat), ivfsq8 (IVF, 8-bit scalar quantizer), ivfpq (IVF-PQ).
         flat_max: largest base searched exactly under index=auto.
+        memory_budget_gb: the most the index may hold under index=auto (GiB; `index_bytes`).
         nlist: IVF lists; 0 = auto (about 4 * sqrt(n), at most n / 39 and 65536).
         nprobe: IVF lists visited per query.
         pq_m: IVF-PQ sub-quantizers (must divide d); 8 bits each.
@@ -49,6 +57,7 @@ class KnnParams:
 
     index: str = "auto"
     flat_max: int = 200_000
+    memory_budget_gb: float = 4.0
     nlist: int = 0
     nprobe: int = 32
     pq_m: int = 32
@@ -66,6 +75,8 @@ class KnnParams:
             raise ValueError(f"knn index must be one of {list(KINDS)}, got {self.index!r}")
         if min(self.nprobe, self.pq_m, self.threads, self.query_block, self.base_block) < 1 or self.nlist < 0:
             raise ValueError("knn nprobe, pq_m, threads, query_block and base_block must be >= 1, nlist >= 0")
+        if not self.memory_budget_gb > 0:
+            raise ValueError(f"knn memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
 
 def knn_params(section: Any, **overrides: Any) -> KnnParams:
@@ -79,15 +90,30 @@ def _as_params(params: Any) -> KnnParams:
     return params if isinstance(params, KnnParams) else knn_params(params)
 
 
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+def index_bytes(kind: str, n: int, d: int, pq_m: int = 32, nlist: int = 0) -> int:
+    """Bytes a filled index of `kind` holds for n vectors of d dims: codes + 8-byte ids + coarse centroids."""
+    per_vector = {"flat": 4 * d, "ivf": 4 * d + 8, "ivfsq8": d + 8, "ivfpq": pq_m + 8}[kind]
+    coarse = 0 if kind == "flat" else 4 * d * (nlist or auto_nlist(n))
+    return n * per_vector + coarse
 
 
-def resolve_kind(n: int, params: KnnParams) -> str:
-    """The index kind used for a base of `n` vectors."""
+def resolve_kind(n: int, d: int, params: KnnParams) -> str:
+    """The index kind used for a base of `n` vectors of `d` dims.
+
+    Raises:
+        ValueError: under index=auto when not even IVF-PQ fits `memory_budget_gb`.
+    """
     if params.index != "auto":
         return params.index
-    return "flat" if n <= params.flat_max else "ivf"
+    budget = params.memory_budget_gb * (1 << 30)
+    if n <= params.flat_max and index_bytes("flat", n, d) <= budget:
+        return "flat"
+    for kind in APPROX_KINDS:
+        if index_bytes(kind, n, d, params.pq_m, params.nlist) <= budget:
+            return kind
+    need = index_bytes("ivfpq", n, d, params.pq_m, params.nlist) / (1 << 30)
+    raise ValueError(f"memory_budget_gb={params.memory_budget_gb} is below the smallest index for {n} x {d} "
+                     f"vectors (IVF-PQ with pq_m={params.pq_m}: {need:.2f} GiB); raise it or lower pq_m")
 
 
 def auto_nlist(n: int) -> int:
@@ -115,9 +141,9 @@ def exact_scores(base: np.ndarray, queries: np.ndarray, cand: np.ndarray) -> np.
         c = cand[s : s + step]
         valid = c >= 0
         uniq, inv = np.unique(np.where(valid, c, 0), return_inverse=True)
-        rows = _f32(base[uniq])[inv.reshape(c.shape)]  # [b, r, d]
+        rows = to_f32(base[uniq])[inv.reshape(c.shape)]  # [b, r, d]
         # einsum without optimize runs a fixed C loop: the same pair gives the same bits from either endpoint.
-        scores = np.einsum("brd,bd->br", rows, _f32(queries[s : s + step]))
+        scores = np.einsum("brd,bd->br", rows, to_f32(queries[s : s + step]))
         out[s : s + step] = np.where(valid, scores, -np.inf)
     return out
 
@@ -145,7 +171,7 @@ def _rerank(base: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> 
 
 
 def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by brute force, one `IndexFlatIP` per block of `base_block` base vectors (bounded memory).
+    """Exact top-k by brute force over blocks of `base_block` base vectors (bounded memory: one float32 block).
 
     Args:
         base: float16/float32 [n, d]; queries: [m, d]; k: neighbours per query.
@@ -155,26 +181,28 @@ def exact_search(base: np.ndarray, queries: np.ndarray, k: int, params: Any = No
     """
     p = _as_params(params if params is not None else KnnParams())
     faiss.omp_set_num_threads(p.threads)
-    n, m = base.shape[0], queries.shape[0]
+    m = queries.shape[0]
     gpu = faiss_gpu.use_gpu(p.device)
     best_s = np.full((m, k), -np.inf, np.float32)
     best_i = np.full((m, k), -1, np.int64)
-    for bs in range(0, n, p.base_block):
-        block = _f32(base[bs : bs + p.base_block])
-        index = faiss.IndexFlatIP(base.shape[1])
+    for bs, block in blocks(base, p.base_block):
+        index = None
         if gpu:
-            index = faiss_gpu.to_gpus(index, block.nbytes)
-        index.add(block)
+            index = faiss_gpu.to_gpus(faiss.IndexFlatIP(base.shape[1]), block.nbytes)
+            index.add(block)
         kk = min(k, block.shape[0])
         for qs in range(0, m, p.query_block):
-            d, i = index.search(_f32(queries[qs : qs + p.query_block]), kk)
+            q = to_f32(queries[qs : qs + p.query_block])
+            # On the CPU, the brute-force kernel IndexFlatIP.search runs, on the block itself: no index copy.
+            d, i = index.search(q, kk) if gpu else faiss.knn(q, block, kk, faiss.METRIC_INNER_PRODUCT)
             i = np.where(i >= 0, i + bs, -1)
             best_s[qs : qs + len(d)], best_i[qs : qs + len(d)] = top_k(
                 np.hstack([best_s[qs : qs + len(d)], d]), np.hstack([best_i[qs : qs + len(d)], i]), k
             )
+        del index, block  # before the next block is read: peak is one float32 block
     out_s, out_i = np.empty_like(best_s), np.empty_like(best_i)
     for qs in range(0, m, p.query_block):
-        q = _f32(queries[qs : qs + p.query_block])
+        q = to_f32(queries[qs : qs + p.query_block])
         out_s[qs : qs + len(q)], out_i[qs : qs + len(q)] = _rerank(base, q, best_i[qs : qs + len(q)], k)
     return out_s, out_i
 
@@ -194,7 +222,7 @@ class Searcher:
         self.base = base
         self.params = _as_params(params)
         n, d = base.shape
-        self.kind = resolve_kind(n, self.params)
+        self.kind = resolve_kind(n, d, self.params)
         self.gpu = faiss_gpu.use_gpu(self.params.device)
         faiss.omp_set_num_threads(self.params.threads)
         if index is not None:
@@ -210,13 +238,17 @@ class Searcher:
         if self.gpu:  # trained (IVF) or empty (flat) on the CPU, filled on the GPUs
             self.index = faiss_gpu.to_gpus(self.index, self._filled_bytes(n, d))
             self._set_nprobe()
-        for s in range(0, n, self.params.base_block):
-            self.index.add(_f32(base[s : s + self.params.base_block]))
+        for _, block in blocks(base, self.params.base_block):
+            self.index.add(block)
 
     def _filled_bytes(self, n: int, d: int) -> int:
-        """Approximate size of the filled index (vectors or PQ codes plus ids), for replicate-or-shard."""
-        per_vector = self.params.pq_m if self.kind == "ivfpq" else 4 * d
-        return n * (per_vector + (8 if self.kind != "flat" else 0))
+        """Size of the filled index (vectors or codes plus ids), for replicate-or-shard and the stage stats."""
+        return index_bytes(self.kind, n, d, self.params.pq_m, self.nlist)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the filled index holds (`index_bytes`)."""
+        return self._filled_bytes(*self.base.shape)
 
     def _set_nprobe(self) -> None:
         if self.kind != "flat":
@@ -238,10 +270,14 @@ class Searcher:
         n_train = min(n, max(64 * self.nlist, 16384))
         rng = np.random.default_rng(p.seed)
         sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
-        train = _f32(base[sample])
+        train = to_f32(base[sample])
+        release(base)
         quantizer = faiss.IndexFlatIP(d)
         if self.kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        elif self.kind == "ivfsq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, self.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
         else:
             if d % p.pq_m:
                 raise ValueError(f"copy_dedup.pq_m={p.pq_m} must divide the embedding dimension {d}")
@@ -278,7 +314,7 @@ class Searcher:
         sims = np.empty((m, k), np.float32)
         idx = np.empty((m, k), np.int64)
         for s in range(0, m, self.params.query_block):
-            q = _f32(queries[s : s + self.params.query_block])
+            q = to_f32(queries[s : s + self.params.query_block])
             _, cand = self.index.search(q, fetch)
             sims[s : s + len(q)], idx[s : s + len(q)] = _rerank(self.base, q, cand, k)
         return sims, idx
@@ -355,14 +391,29 @@ def measure_recall(
     Returns:
         |approx top-k ∩ exact top-k| / |exact top-k| summed over the sampled queries; 1.0 when nothing to count.
     """
+    return measure_recalls(base, k, params, sample, seed, queries, searcher, (min_sim,))[0]
+
+
+def measure_recalls(
+    base: np.ndarray,
+    k: int,
+    params: Any,
+    sample: int,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+    searcher: Searcher | None = None,
+    min_sims: Sequence[float | None] = (None,),
+) -> list[float]:
+    """`measure_recall` for several `min_sim` values from one exact and one approximate search of the sample (the
+    exact search reads the whole base, the expensive part at scale)."""
     p = _as_params(params)
     src = base if queries is None else queries
     m = min(sample, src.shape[0])
     if m == 0 or base.shape[0] == 0:
-        return 1.0
+        return [1.0] * len(min_sims)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(src.shape[0], m, replace=False))
-    q = _f32(src[pick])
+    q = to_f32(src[pick])
     searcher = searcher if searcher is not None else Searcher(base, p)
     exact_p = replace(p, index="flat")
     if queries is None:  # self-search: compare the neighbours other than the query itself
@@ -371,13 +422,13 @@ def measure_recall(
     else:
         approx = searcher.search(q, k)[1]
         exact_s, exact = exact_search(base, q, k, exact_p)
-    counted = (exact >= 0) if min_sim is None else (exact >= 0) & (exact_s > min_sim)
-    hits = total = 0
-    for a, e, c in zip(approx, exact, counted):
-        e = e[c]
-        hits += int(np.isin(e, a[a >= 0]).sum())
-        total += e.size
-    return float(hits / total) if total else 1.0
+    found = np.array([np.isin(e, a[a >= 0]) for a, e in zip(approx, exact)]).reshape(exact.shape)
+    out = []
+    for min_sim in min_sims:
+        counted = (exact >= 0) if min_sim is None else (exact >= 0) & (exact_s > min_sim)
+        total = int(counted.sum())
+        out.append(float((found & counted).sum() / total) if total else 1.0)
+    return out
 
 
 def index_to_bytes(searcher: Searcher) -> bytes:

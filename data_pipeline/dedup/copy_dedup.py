@@ -30,7 +30,7 @@ from data_pipeline.core.knn import (
     Searcher,
     index_to_bytes,
     knn_params,
-    measure_recall,
+    measure_recalls,
     resolve_kind,
     searcher_from_bytes,
 )
@@ -115,7 +115,7 @@ class SharedIndex:
             index_file = Path(self.index_file)
             if index_file.is_file():
                 self._searcher = searcher_from_bytes(pool, self.params, index_file.read_bytes())
-            elif resolve_kind(pool.shape[0], self.params) == "flat":
+            elif resolve_kind(pool.shape[0], pool.shape[1], self.params) == "flat":
                 self._searcher = Searcher(pool, self.params)
             else:  # retraining here could silently give another index than the other slices
                 raise FileNotFoundError(f"shared kNN index {index_file} is missing; re-run the stage")
@@ -276,12 +276,13 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         # Edge recall (exact neighbours above the threshold that the index found) is what decides the graph;
         # plain recall@k is dominated by unrelated far neighbours and is reported for reference.
         rc = (pool, k_used, params, cfg.recall_sample, ctx.cfg.seed)
-        recall = measure_recall(*rc, searcher=searcher, min_sim=cfg.threshold)
-        recall_at_k = measure_recall(*rc, searcher=searcher)
+        recall, recall_at_k = measure_recalls(*rc, searcher=searcher, min_sims=(cfg.threshold, None))
         method = f"sampled:{min(cfg.recall_sample, n)}"
     nlist = searcher.nlist if searcher is not None else 0
-    print(f"[copy_dedup] index={kind_used} nlist={nlist}: edge recall (cos > {cfg.threshold}) {recall:.4f}, "
-          f"recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, {len(removed)} of {n} removed, "
+    mib = (searcher.nbytes if searcher is not None else 0) / (1 << 20)
+    print(f"[copy_dedup] index={kind_used} nlist={nlist} ({mib:.0f} MiB): edge recall (cos > {cfg.threshold}) "
+          f"{recall:.4f}, recall@{k_used} {recall_at_k:.4f} ({method}); {int(edge.sum())} edges, "
+          f"{len(removed)} of {n} removed, "
           f"largest component {summary['largest'][0] if summary['largest'] else 0}, "
           f"{summary['giant']['count']} above {limit} ({cfg.giant_action})")
     shutil.rmtree(work, ignore_errors=True)
@@ -295,6 +296,8 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
         "largest_component": int(summary["largest"][0]) if summary["largest"] else 0,
         "giant_components": summary["giant"]["count"],
         "index": kind_used,
+        "index_bytes": int(searcher.nbytes) if searcher is not None else 0,
+        "memory_budget_gb": cfg.memory_budget_gb,
         "nlist": int(nlist),
         "recall": round(float(recall), 6),
         "recall_at_k": round(float(recall_at_k), 6),

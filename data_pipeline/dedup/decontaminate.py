@@ -12,10 +12,14 @@ Resume and scale-out: the pool index is built once (`copy_dedup.SharedIndex`: an
 `_work/index.faiss`); each eval set is searched in slices of `copy_dedup.slice_rows` eval images, here or as a SLURM
 job array (`executors.run_slices`), each slice's pairs above the audit floor written atomically to
 `_work/matches-NNN-<start>-<stop>.parquet` and skipped on a re-run.
+With an approximate index (large pools, see `knn.resolve_kind`) the recall of the approximate step against exact
+search is measured on `copy_dedup.recall_sample` seeded eval images of each set, printed, and written to the stats
+(`recall`: exact neighbours above the threshold that the index found; `recall_at_k`), through `_work/recall-NNN.json`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import pyarrow as pa
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.executors import SliceTask, slice_runner
-from data_pipeline.core.knn import knn_params
+from data_pipeline.core.knn import Searcher, knn_params, measure_recalls
 from data_pipeline.core.stage import Stage, StageContext
 from data_pipeline.dedup.copy_dedup import SharedIndex, pool_row_ids, upstream_tag
 from data_pipeline.embed.embed import load_embeddings, parse_eval_set
@@ -65,6 +69,22 @@ def match_table(raw: pa.Table, eval_ids: list[str], name: str, pool_rows: np.nda
         "sim": raw.column("sim"),
         "component": pa.array(pool_component[p], pa.int64()),
     }, schema=MATCH_SCHEMA)
+
+
+def set_recall(searcher: Searcher, evals: np.ndarray, k: int, ctx: StageContext) -> dict:
+    """Recall of the search against exact search on a seeded sample of eval images (1.0, "exact" for a flat index).
+
+    `recall` counts the exact neighbours above `decontaminate.threshold` (the pairs that decide removals) that the
+    index returned; `recall_at_k` counts all k.
+    """
+    out = {"index": searcher.kind, "index_bytes": int(searcher.nbytes)}
+    if searcher.kind == "flat":
+        return {**out, "recall": 1.0, "recall_at_k": 1.0, "recall_method": "exact"}
+    sample = ctx.cfg.copy_dedup.recall_sample
+    rc = (searcher.base, k, searcher.params, sample, ctx.cfg.seed, evals)
+    edges, at_k = measure_recalls(*rc, searcher=searcher, min_sims=(ctx.cfg.decontaminate.threshold, None))
+    return {**out, "recall": round(edges, 6), "recall_at_k": round(at_k, 6),
+            "recall_method": f"sampled:{min(sample, evals.shape[0])}"}
 
 
 def with_eval_paths(pairs: pa.Table, eval_rows: pa.Table | None) -> pa.Table:
@@ -141,6 +161,11 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         if tasks:
             raw = pa.concat_tables([artifacts.read_table(f) for f in outs])
             near = match_table(raw, eval_rows.column("id").to_pylist(), name, pool_rows, component[pool_rows])
+        recall_file = work / f"recall-{s_i:03d}.json"
+        if not recall_file.is_file():
+            if shared is None:
+                shared = SharedIndex.build(pool, knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed), work)
+            artifacts.write_json_atomic(recall_file, set_recall(shared.searcher(), evals, k, ctx))
         sims = near.column("sim").to_numpy()
         m = near.filter(pa.array(sims > cfg.threshold))
         band.append(with_eval_paths(near.filter(pa.array(sims <= cfg.threshold + cfg.audit_margin)), eval_rows))
@@ -156,7 +181,8 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
                 contaminated_by[row] = name
         per_set[name] = {"eval_images": int(evals.shape[0]), "matches": int(m.num_rows),
                          "matched_components": int(touched.size), "removed_rows": int(newly.size),
-                         "already_removed": int(hit_rows.size - newly.size)}
+                         "already_removed": int(hit_rows.size - newly.size),
+                         **json.loads(recall_file.read_text())}
 
     table = table.set_column(table.column_names.index("dup_kind"), "dup_kind", pa.array(kind, pa.string()))
     table = table.set_column(table.column_names.index("keep"), "keep", pa.array(keep, pa.bool_()))
@@ -173,7 +199,9 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
     removed = kept_in - int(keep.sum())
     if names:
         print(f"[decontaminate] removed {removed} rows; " +
-              ", ".join(f"{n}: {v['matched_components']} components" for n, v in per_set.items()))
+              ", ".join(f"{n}: {v['matched_components']} components, index {v['index']}, recall (cos > "
+                        f"{cfg.threshold}) {v['recall']:.4f}, recall@k {v['recall_at_k']:.4f} ({v['recall_method']})"
+                        for n, v in per_set.items()))
     return {
         "inputs": kept_in,
         "outputs": int(keep.sum()),

@@ -15,7 +15,15 @@ import pytest
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import load_config
-from data_pipeline.core.knn import KnnParams, Searcher, exact_search, knn_search, knn_self, measure_recall
+from data_pipeline.core.knn import (
+    KnnParams,
+    Searcher,
+    exact_search,
+    knn_params,
+    knn_search,
+    knn_self,
+    measure_recall,
+)
 from data_pipeline.core.stage import StageContext, run_stage
 from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
 from data_pipeline.dedup.copy_dedup import self_pairs
@@ -75,7 +83,7 @@ def test_self_search_drops_self_even_with_exact_duplicates():
     assert sims.shape == (len(base), 5)
 
 
-@pytest.mark.parametrize("kind,n_clusters", [("ivf", 300), ("ivfpq", 150)])  # PQ training dominates: smaller set
+@pytest.mark.parametrize("kind,n_clusters", [("ivf", 300), ("ivfsq8", 300), ("ivfpq", 150)])  # PQ training: smaller
 def test_approximate_index_reranked_matches_flat_graph(kind, n_clusters):
     base = _clustered(n_clusters, 5, seed=3)
     params = KnnParams(index=kind, threads=2, nprobe=16, pq_m=8)
@@ -290,6 +298,35 @@ def test_copy_dedup_ivf_path_same_manifest(tmp_path, capsys):
         assert (tmp_path / "flat/copy_dedup" / name).read_bytes() == (tmp_path / "ivf/copy_dedup" / name).read_bytes()
 
 
+def test_decontaminate_measures_recall_of_the_approximate_index(tmp_path, capsys):
+    sc = _scenario()
+    rng = np.random.default_rng(11)
+    pool = np.stack([r["vec"] for r in sc["rows"] if r["vec"] is not None])
+    # 30 eval images near pool images (cos 0.5-0.9): every one has an exact neighbour above the 0.45 threshold.
+    near = zip(rng.choice(len(pool), 30), rng.uniform(0.5, 0.9, 30))
+    evals = np.stack([_eval_near(pool[i], c, rng) for i, c in near])
+    _write_upstream(tmp_path, sc, {"evalS": evals})
+    # A deliberately coarse index (IVF-PQ, 1 of 8 lists probed, no extra candidates) so that recall is below 1.
+    over = ["copy_dedup.index=ivfpq", "copy_dedup.nlist=8", "copy_dedup.nprobe=1", "copy_dedup.pq_m=8",
+            "copy_dedup.rerank=1", "copy_dedup.recall_sample=30", "decontaminate.k=4",
+            "decontaminate.eval_sets=[evalS]"]
+    _, res = _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=over)
+    got = res.counts["sets"]["evalS"]
+    assert got["index"] == "ivfpq" and got["recall_method"] == "sampled:30"
+    # Independent measurement: exact neighbours by float64 brute force, approximate ones from the same seeded index.
+    cfg = load_config(None, ["copy_dedup.threads=2", *over])
+    searcher = Searcher(np.load(tmp_path / "embed_copy/pool.npy", mmap_mode="r"), knn_params(cfg.copy_dedup, seed=0))
+    ev = evals.astype(np.float16)
+    approx = searcher.search(ev, 4)[1]
+    exact_s, exact = _brute(pool.astype(np.float16), ev, 4)
+    hits = [np.isin(e, a).sum() for a, e in zip(approx, exact)]
+    hits_edge = [np.isin(e[s > 0.45], a).sum() for a, e, s in zip(approx, exact, exact_s)]
+    assert got["recall_at_k"] == pytest.approx(sum(hits) / exact.size, abs=1e-6)
+    assert got["recall"] == pytest.approx(sum(hits_edge) / (exact_s > 0.45).sum(), abs=1e-6)
+    assert got["recall_at_k"] < 1.0  # the coarse index does miss neighbours: the figure is a measurement
+    assert f"recall@k {got['recall_at_k']:.4f} (sampled:30)" in capsys.readouterr().out
+
+
 def _eval_near(vec: np.ndarray, cos: float, rng: np.random.Generator) -> np.ndarray:
     other = rng.standard_normal(D)
     other = _unit(other - (other @ vec) * vec)
@@ -328,7 +365,9 @@ def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
     sets = res.counts["sets"]
     # evalA's component had 5 rows: A2 removed here; A0, A1, A3 (copies) and dupA1 were already removed upstream.
     assert sets["evalA"] == {"eval_images": 2, "matches": sets["evalA"]["matches"], "matched_components": 1,
-                             "removed_rows": 1, "already_removed": 4}
+                             "removed_rows": 1, "already_removed": 4, "index": "flat",
+                             "index_bytes": sets["evalA"]["index_bytes"], "recall": 1.0, "recall_at_k": 1.0,
+                             "recall_method": "exact"}
     assert sets["evalR"]["removed_rows"] == 1 and sets["evalN"]["matched_components"] == 0
     assert res.counts["removed"] == {"contaminated": 2}
     assert res.counts["outputs"] == res_copy.counts["outputs"] - 2
