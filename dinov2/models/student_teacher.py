@@ -216,7 +216,8 @@ class StudentTeacher(nn.Module):
         With DINO on, ``dino_teacher_entropy`` (no gradient, nats) is the mean entropy of the teacher's targets,
         logged beside the losses as the DINO paper's collapse monitor: it tends to ln K when centering dominates
         sharpening (each cross-entropy pair is then ≥ ln K, so the DINO terms stall near (pairs / T)·ln K), and to 0
-        when every image gets one prototype.
+        when every image gets one prototype. ``dino_teacher_marginal_entropy`` is the entropy of the batch-mean
+        target: near 0 when every image gets the same prototype(s), which low per-image entropy alone does not show.
 
         Args:
             batch: the collated batch (``collated_global_crops`` (2B,3,G,G) crop-major, ``collated_local_crops``
@@ -273,6 +274,8 @@ class StudentTeacher(nn.Module):
                 total = total + self.dino_loss_weight * value
             # A collapse monitor, not a loss: ln K means uniform targets (centering wins), 0 one-hot ones.
             losses["dino_teacher_entropy"] = -(dino_targets * dino_targets.clamp_min(1e-30).log()).sum(-1).mean()
+            marginal = dino_targets.mean(0)
+            losses["dino_teacher_marginal_entropy"] = -(marginal * marginal.clamp_min(1e-30).log()).sum()
         if self.do_koleo:
             koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2))
             losses["koleo_loss"] = self.koleo_loss_weight * koleo

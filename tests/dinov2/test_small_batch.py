@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dinov2.config import ConfigError, load_config
+from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
 from dinov2.loss import DINOLoss, sinkhorn_knopp
 from dinov2.train.collapse import CollapseMonitor
@@ -200,3 +201,20 @@ def test_a_learning_run_gets_no_warning(image_folder, tmp_path):
     train(load_config(None, tiny(image_folder, tmp_path, 4, *extra)), DistEnv())
     lines = (tmp_path / "training_metrics.json").read_text()
     assert "collapse_warning" not in lines
+
+
+def test_batch_mean_target_entropy_tells_one_shared_prototype_from_sharp_diverse_targets(image_folder, tmp_path):
+    cfg = load_config(None, tiny(image_folder, tmp_path, 1))
+    model = build_student_teacher(cfg)
+    batch = next(iter(build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)))
+    dino_targets, ibot_targets = model.teacher_targets(batch, 0.04)
+    rows, k = dino_targets.shape
+    shared = torch.zeros(rows, k)
+    shared[:, 3] = 1.0  # every image on one prototype: sharp, and collapsed
+    diverse = torch.eye(k)[:rows]  # every image on its own prototype: sharp, and healthy
+    for targets, marginal in ((shared, 0.0), (diverse, math.log(rows))):
+        losses = model(batch, 0.04, targets=(targets, ibot_targets))
+        assert float(losses["dino_teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)  # per image both look the same
+        assert float(losses["dino_teacher_marginal_entropy"]) == pytest.approx(marginal, abs=1e-5)
+    losses = model(batch, 0.04)  # real targets: the mean's entropy is at least the mean entropy (concavity)
+    assert losses["dino_teacher_marginal_entropy"] >= losses["dino_teacher_entropy"] - 1e-5
