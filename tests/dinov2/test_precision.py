@@ -50,3 +50,10 @@ def test_measurement_is_real_and_cached_per_process():
     assert cpu_bf16_speedup() == first and cpu_bf16_speedup.cache_info().hits >= 1
     flags = precision.cpu_bf16_flags()
     assert set(flags) <= {"amx_bf16", "avx512_bf16"}
+
+
+def test_bf16_is_native_threshold():
+    from dinov2.train.precision import bf16_is_native
+
+    assert bf16_is_native(1.0) and bf16_is_native(6.2) and bf16_is_native(0.85)
+    assert not bf16_is_native(1 / 30) and not bf16_is_native(0.5)
