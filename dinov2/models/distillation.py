@@ -39,7 +39,7 @@ from dinov2.config import DinoConfig, IbotConfig, StudentConfig
 from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
 from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
-from dinov2.models.student_teacher import backbone_kwargs
+from dinov2.models.student_teacher import backbone_kwargs, target_entropy
 
 SEPARATOR = "__"  # between a student's name and its part in the keys of ``student`` / ``teacher``
 
@@ -241,7 +241,7 @@ class Distillation(nn.Module):
             losses.update({f"{name}/{term}": value for term, value in terms.items()})
             total = terms["total_loss"] if total is None else total + terms["total_loss"]
         if self.do_dino:
-            losses["dino_teacher_entropy"] = -(dino_targets * dino_targets.clamp_min(1e-30).log()).sum(-1).mean()
+            losses["dino_teacher_entropy"] = target_entropy(dino_targets)
         losses["total_loss"] = total
         return losses
 

@@ -21,6 +21,18 @@ from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
 
 
+def target_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the probabilities along the last dim (rows of (n, K) targets, or one (K,) distribution),
+    averaged over rows; the collapse monitors' measure (ln K: uniform, 0: one prototype)."""
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+
+
+def masked_patch_tokens(out: dict, batch: dict) -> torch.Tensor:
+    """The normalised patch tokens (M, D) of the global crops at the batch's masked positions (iBOT's rows)."""
+    patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
+    return patches.index_select(0, batch["mask_indices_list"])
+
+
 def backbone_kwargs(student: StudentConfig, img_size: int) -> dict:
     """Constructor arguments shared by the student and the teacher backbone."""
     kwargs = dict(
@@ -135,8 +147,7 @@ class StudentTeacher(nn.Module):
         cls = out["x_norm_clstoken"] if self.do_dino else None
         masked = None
         if self.do_ibot:
-            patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
-            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
+            masked = masked_patch_tokens(out, batch)  # (M, D)
         dino_logits, ibot_logits = self._heads(self.teacher, cls, masked)
         return (
             dino_logits.float() if dino_logits is not None else None,
@@ -259,8 +270,7 @@ class StudentTeacher(nn.Module):
             cls = torch.cat([global_cls, outputs[1]["x_norm_clstoken"]]) if has_locals else global_cls
         masked = None
         if self.do_ibot:
-            patches = global_out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
-            masked = patches.index_select(0, batch["mask_indices_list"])  # (M, D)
+            masked = masked_patch_tokens(global_out, batch)  # (M, D)
         dino_logits, ibot_logits = self._heads(self.student, cls, masked)
 
         losses: dict[str, torch.Tensor] = {}
@@ -273,9 +283,8 @@ class StudentTeacher(nn.Module):
                 losses[name] = value
                 total = total + self.dino_loss_weight * value
             # A collapse monitor, not a loss: ln K means uniform targets (centering wins), 0 one-hot ones.
-            losses["dino_teacher_entropy"] = -(dino_targets * dino_targets.clamp_min(1e-30).log()).sum(-1).mean()
-            marginal = dino_targets.mean(0)
-            losses["dino_teacher_marginal_entropy"] = -(marginal * marginal.clamp_min(1e-30).log()).sum()
+            losses["dino_teacher_entropy"] = target_entropy(dino_targets)
+            losses["dino_teacher_marginal_entropy"] = target_entropy(dino_targets.mean(0))
         if self.do_koleo:
             koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2))
             losses["koleo_loss"] = self.koleo_loss_weight * koleo
