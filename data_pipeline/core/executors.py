@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from dinov2.run.slurm import ClusterConfig, load_cluster_config, submit_array
 # Test hook: seconds each shard sleeps before its part is written (lets the kill-and-resume test land mid-stage).
 SLEEP_ENV = "DATA_PIPELINE_SHARD_SLEEP_S"
 log = logging.getLogger(__name__)
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -179,40 +181,61 @@ def cluster_settings(ex: ExecutorConfig) -> ClusterConfig:
     return load_cluster_config(ex.slurm_files, {"partition": ex.slurm_partition} if ex.slurm_partition else None)
 
 
+def submit_rounds(items: list[Item], fn: Callable[..., Any], args_of: Callable[[Item], tuple],
+                  left: Callable[[Item, Any], Item | None], cluster: ClusterConfig, folder: Path, *,
+                  max_retries: int, desc: str, unit: str) -> list[Item]:
+    """Submit `fn(*args_of(item))` for every item as one SLURM job array, then again for what is left, up to
+    `max_retries` more times; returns what is still left.
+
+    `left(item, result)` is the part of `item` to run again (None: nothing); `result` is what the array task
+    returned, or None when it raised or died (node failure, OOM kill).
+    """
+    pending = list(items)
+    for _ in range(max_retries + 1):
+        if not pending:
+            break
+        # A fresh folder per submission: reused SLURM job ids must never pick up an older result pickle.
+        sub = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        jobs = submit_array(fn, [args_of(item) for item in pending], cluster, sub)
+        retry = []
+        for item, job in tqdm(list(zip(pending, jobs)), desc=f"{desc} (slurm)", unit=unit, dynamic_ncols=True):
+            try:
+                result = job.result()
+            except Exception:
+                result = None
+            rest = left(item, result)
+            if rest is not None:
+                retry.append(rest)
+        pending = retry
+    return pending
+
+
 class SlurmExecutor:
     """A submitit job array: one array task per group of shards; failed groups are resubmitted and reported."""
 
     def __init__(self, cfg: CurateConfig, folder: Path) -> None:
         self.cfg = cfg
         self.cluster = cluster_settings(cfg.executor)
-        # A fresh folder per submission: reused SLURM job ids must never pick up an older result pickle.
-        self.folder = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-
-    def _submit(self, groups: list[list[ShardTask]]) -> list:
-        d = self.cfg.decode
-        workers = self.cluster.cpus_per_task or 1  # each task's local pool uses the CPUs it was given
-        calls = [(group, workers, d.worker_memory_mb, d.item_timeout_s) for group in groups]
-        return submit_array(run_group, calls, self.cluster, self.folder)
+        self.folder = folder
 
     def run(self, tasks: list[ShardTask], desc: str = "") -> list[int]:
         """Submit groups of shards as one array; returns shard ids that failed after retries."""
         k = self.cfg.executor.slurm_shards_per_task
         groups = [tasks[i : i + k] for i in range(0, len(tasks), k)]
-        for _ in range(self.cfg.executor.max_retries + 1):
-            if not groups:
-                break
-            jobs = self._submit(groups)
-            retry = []
-            for group, job in tqdm(list(zip(groups, jobs)), desc=f"{desc} (slurm)", unit="task"):
-                try:
-                    failed = set(job.result())
-                except Exception:  # a job that died (node failure, OOM kill) fails its whole group
-                    failed = {t.shard for t in group}
-                retry_group = [t for t in group if t.shard in failed]
-                if retry_group:
-                    retry.append(retry_group)
-            groups = retry
-        return sorted(t.shard for g in groups for t in g)
+        d = self.cfg.decode
+        workers = self.cluster.cpus_per_task or 1  # each task's local pool uses the CPUs it was given
+
+        def group_args(group: list[ShardTask]) -> tuple:
+            return group, workers, d.worker_memory_mb, d.item_timeout_s
+
+        def failed_shards(group: list[ShardTask], failed_ids: list[int] | None) -> list[ShardTask] | None:
+            # a task that died fails its whole group
+            failed = {t.shard for t in group} if failed_ids is None else set(failed_ids)
+            return [t for t in group if t.shard in failed] or None
+
+        left = submit_rounds(groups, run_group, group_args, failed_shards, self.cluster, self.folder,
+                             max_retries=self.cfg.executor.max_retries, desc=desc, unit="task")
+        return sorted(t.shard for group in left for t in group)
 
 
 class SliceFailure(RuntimeError):
@@ -263,24 +286,13 @@ def _run_slices_here(tasks: list[SliceTask], max_retries: int, desc: str) -> lis
 
 def _run_slices_slurm(tasks: list[SliceTask], cfg: CurateConfig, folder: Path, desc: str) -> list[SliceTask]:
     """One job array of the pending slices per round; a slice whose task died or left no output is resubmitted."""
-    cluster = cluster_settings(cfg.executor)
-    pending = list(tasks)
-    for _ in range(cfg.executor.max_retries + 1):
-        if not pending:
-            break
-        # A fresh folder per submission, as in SlurmExecutor: reused job ids must not find an older result pickle.
-        sub = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        jobs = submit_array(run_slice, [(t,) for t in pending], cluster, sub)
-        failed = []
-        for task, job in tqdm(list(zip(pending, jobs)), desc=f"{desc} (slurm)", unit="slice", dynamic_ncols=True):
-            try:
-                job.result()
-            except Exception:  # the task raised, or died (node failure, OOM kill): the output check below decides
-                pass
-            if not Path(task.out_path).is_file():
-                failed.append(task)
-        pending = failed
-    return pending
+
+    def without_output(task: SliceTask, _: bool | None) -> SliceTask | None:
+        # however the task ended, its output file decides
+        return None if Path(task.out_path).is_file() else task
+
+    return submit_rounds(tasks, run_slice, lambda task: (task,), without_output, cluster_settings(cfg.executor),
+                         folder, max_retries=cfg.executor.max_retries, desc=desc, unit="slice")
 
 
 def run_slices(tasks: list[SliceTask], cfg: CurateConfig, folder: Path, desc: str = "") -> None:

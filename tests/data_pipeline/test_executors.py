@@ -90,3 +90,39 @@ def test_hanging_item_is_killed_and_rejected(tmp_path):
     by_id = {r["id"]: r for r in res["rows"]}
     assert res["failed"] == [] and by_id["hang"]["reject_reason"] == "worker_timeout"
     assert by_id["a"]["status"] == by_id["b"]["status"] == "ok"
+
+
+class _Job:
+    """A finished submitit job: returns `value`, or raises it as a task that died would."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+def test_slurm_rounds_resubmit_only_the_failed_shards_of_each_group(tmp_path, monkeypatch):
+    from data_pipeline.core import executors
+    from data_pipeline.core.config import CurateConfig
+
+    # shard ids each group's task reports failed, per round (keyed by the group's shards); an exception = task died
+    script = [{(0, 1): [1], (2, 3): RuntimeError("node failure"), (4,): []}, {(1,): [], (2, 3): [3]}]
+    rounds = []
+
+    def fake_submit(fn, calls, cluster, folder):
+        groups = [tuple(t.shard for t in call[0]) for call in calls]
+        rounds.append((groups, folder))
+        return [_Job(script[len(rounds) - 1][g]) for g in groups]
+
+    monkeypatch.setattr(executors, "submit_array", fake_submit)
+    cfg = CurateConfig()
+    cfg.executor.slurm_shards_per_task, cfg.executor.max_retries = 2, 1
+    tasks = [executors.ShardTask("t", k, None, None, cfg, None, "") for k in range(5)]
+    failed = executors.SlurmExecutor(cfg, tmp_path).run(tasks)
+    assert [groups for groups, _ in rounds] == [[(0, 1), (2, 3), (4,)], [(1,), (2, 3)]]
+    assert failed == [3]
+    # one fresh log folder per submission, both under the stage's folder
+    assert rounds[0][1] != rounds[1][1] and {folder.parent for _, folder in rounds} == {tmp_path}
