@@ -37,9 +37,14 @@ from torch import nn
 
 from dinov2.config import DinoConfig, IbotConfig, StudentConfig
 from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
-from dinov2.models.dino_head import DINOHead
 from dinov2.models.registry import build_backbone
-from dinov2.models.student_teacher import backbone_kwargs, target_entropy
+from dinov2.models.student_teacher import (
+    Objective,
+    backbone_kwargs,
+    build_heads,
+    ibot_prototypes,
+    target_entropy,
+)
 
 SEPARATOR = "__"  # between a student's name and its part in the keys of ``student`` / ``teacher``
 
@@ -64,32 +69,13 @@ def split_by_student(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     return out
 
 
-def build_heads(embed_dim: int, dino: DinoConfig, ibot: IbotConfig) -> dict[str, DINOHead]:
-    """The heads the objective needs, as in self-distillation: ``dino_head`` when DINO is on or iBOT shares it,
-    ``ibot_head`` when iBOT has its own."""
-    heads = {}
-    do_ibot = ibot.loss_weight > 0
-    if dino.loss_weight > 0 or (do_ibot and not ibot.separate_head):
-        heads["dino_head"] = DINOHead(embed_dim, dino.head_n_prototypes, nlayers=dino.head_nlayers,
-                                      hidden_dim=dino.head_hidden_dim, bottleneck_dim=dino.head_bottleneck_dim)
-    if do_ibot and ibot.separate_head:
-        heads["ibot_head"] = DINOHead(embed_dim, ibot.head_n_prototypes, nlayers=ibot.head_nlayers,
-                                      hidden_dim=ibot.head_hidden_dim, bottleneck_dim=ibot.head_bottleneck_dim)
-    return heads
-
-
-def ibot_prototypes(dino: DinoConfig, ibot: IbotConfig) -> int:
-    """Prototype count of the iBOT head (its own, or the shared DINO head's)."""
-    return ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
-
-
 def student_seed(seed: int, name: str) -> int:
     """Each student's initialisation stream: from the run seed and its name only, so adding a student to a run does
     not change how another is initialised."""
     return seed + zlib.crc32(name.encode())
 
 
-class Distillation(nn.Module):
+class Distillation(Objective):
     """A frozen teacher (backbone + heads) and students with their EMA copies; no backward, FSDP or device handling.
 
     Args:
@@ -111,15 +97,7 @@ class Distillation(nn.Module):
     def __init__(self, teacher: StudentConfig, teacher_dino: DinoConfig, teacher_ibot: IbotConfig,
                  students: dict[str, StudentConfig], dino: DinoConfig, ibot: IbotConfig, *, img_size: int,
                  n_local_crops: int, centering: str, seed: int = 0) -> None:
-        super().__init__()
-        self.do_dino = dino.loss_weight > 0
-        self.do_koleo = dino.koleo_loss_weight > 0
-        self.do_ibot = ibot.loss_weight > 0
-        self.dino_loss_weight = dino.loss_weight
-        self.koleo_loss_weight = dino.koleo_loss_weight
-        self.ibot_loss_weight = ibot.loss_weight
-        self.centering = centering
-        self.n_local_crops = n_local_crops
+        super().__init__(dino, ibot, n_local_crops=n_local_crops, centering=centering)
         self.student_names = list(students)
         self.student_ibot_head = "ibot_head" if ibot.separate_head else "dino_head"
         self.teacher_ibot_head = "ibot_head" if teacher_ibot.separate_head else "dino_head"
@@ -271,4 +249,4 @@ class Distillation(nn.Module):
         torch._foreach_add_(ema, live, alpha=1 - momentum)
 
 
-__all__ = ["Distillation", "SEPARATOR", "build_heads", "part_key", "split_by_student", "split_key", "student_seed"]
+__all__ = ["Distillation", "SEPARATOR", "part_key", "split_by_student", "split_key", "student_seed"]

@@ -68,7 +68,43 @@ def build_backbones(student: StudentConfig, img_size: int) -> tuple[nn.Module, n
     return student_backbone, teacher_backbone
 
 
-class StudentTeacher(nn.Module):
+def build_heads(embed_dim: int, dino: DinoConfig, ibot: IbotConfig) -> dict[str, DINOHead]:
+    """The heads the objective needs: ``dino_head`` when DINO is on or iBOT shares it (unlike the official code,
+    iBOT alone with a shared head works), ``ibot_head`` when iBOT has its own."""
+    heads = {}
+    do_ibot = ibot.loss_weight > 0
+    if dino.loss_weight > 0 or (do_ibot and not ibot.separate_head):
+        heads["dino_head"] = DINOHead(embed_dim, dino.head_n_prototypes, nlayers=dino.head_nlayers,
+                                      hidden_dim=dino.head_hidden_dim, bottleneck_dim=dino.head_bottleneck_dim)
+    if do_ibot and ibot.separate_head:
+        heads["ibot_head"] = DINOHead(embed_dim, ibot.head_n_prototypes, nlayers=ibot.head_nlayers,
+                                      hidden_dim=ibot.head_hidden_dim, bottleneck_dim=ibot.head_bottleneck_dim)
+    return heads
+
+
+def ibot_prototypes(dino: DinoConfig, ibot: IbotConfig) -> int:
+    """Prototype count of the iBOT head (its own, or the shared DINO head's)."""
+    return ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
+
+
+class Objective(nn.Module):
+    """The settings of the DINOv2 objective that self-distillation (:class:`StudentTeacher`) and distillation
+    (``Distillation``) both compute: which terms are on, their weights, the teacher's centering mode (``centering``
+    or ``sinkhorn_knopp``) and the number of local crops per image."""
+
+    def __init__(self, dino: DinoConfig, ibot: IbotConfig, *, n_local_crops: int, centering: str) -> None:
+        super().__init__()
+        self.do_dino = dino.loss_weight > 0
+        self.do_koleo = dino.koleo_loss_weight > 0
+        self.do_ibot = ibot.loss_weight > 0
+        self.dino_loss_weight = dino.loss_weight
+        self.koleo_loss_weight = dino.koleo_loss_weight
+        self.ibot_loss_weight = ibot.loss_weight
+        self.centering = centering
+        self.n_local_crops = n_local_crops
+
+
+class StudentTeacher(Objective):
     """The DINOv2 meta-architecture (official ``SSLMetaArch``) without backward, FSDP or device handling.
 
     Args:
@@ -82,52 +118,22 @@ class StudentTeacher(nn.Module):
 
     def __init__(self, student: StudentConfig, dino: DinoConfig, ibot: IbotConfig, *, img_size: int,
                  n_local_crops: int, centering: str) -> None:
-        super().__init__()
-        self.do_dino = dino.loss_weight > 0
-        self.do_koleo = dino.koleo_loss_weight > 0
-        self.do_ibot = ibot.loss_weight > 0
+        super().__init__(dino, ibot, n_local_crops=n_local_crops, centering=centering)
         self.separate_ibot_head = ibot.separate_head
-        self.dino_loss_weight = dino.loss_weight
-        self.koleo_loss_weight = dino.koleo_loss_weight
-        self.ibot_loss_weight = ibot.loss_weight
-        self.centering = centering
-        self.n_local_crops = n_local_crops
 
         student_backbone, teacher_backbone = build_backbones(student, img_size)
-        embed_dim = student_backbone.embed_dim
-        student_parts = {"backbone": student_backbone}
-        teacher_parts = {"backbone": teacher_backbone}
-        # Unlike the official code, iBOT alone with a shared head works: the shared head is built when either needs it.
-        if self.do_dino or (self.do_ibot and not self.separate_ibot_head):
-            student_parts["dino_head"] = DINOHead(
-                embed_dim,
-                dino.head_n_prototypes,
-                nlayers=dino.head_nlayers,
-                hidden_dim=dino.head_hidden_dim,
-                bottleneck_dim=dino.head_bottleneck_dim,
-            )
-        if self.do_ibot and self.separate_ibot_head:
-            student_parts["ibot_head"] = DINOHead(
-                embed_dim,
-                ibot.head_n_prototypes,
-                nlayers=ibot.head_nlayers,
-                hidden_dim=ibot.head_hidden_dim,
-                bottleneck_dim=ibot.head_bottleneck_dim,
-            )
-        for name, module in student_parts.items():
-            if name != "backbone":
-                teacher_parts[name] = copy.deepcopy(module)
-        self.student = nn.ModuleDict(student_parts)
-        self.teacher = nn.ModuleDict(teacher_parts)
+        heads = build_heads(student_backbone.embed_dim, dino, ibot)
+        self.student = nn.ModuleDict({"backbone": student_backbone, **heads})
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone,
+                                      **{name: copy.deepcopy(head) for name, head in heads.items()}})
         # Teacher = student at initialisation (as official prepare_for_distributed_training).
         self.teacher.load_state_dict(self.student.state_dict())
         for param in self.teacher.parameters():
             param.requires_grad = False
 
-        ibot_prototypes = ibot.head_n_prototypes if self.separate_ibot_head else dino.head_n_prototypes
         queue = dino.sinkhorn_queue_size if self.centering == "sinkhorn_knopp" else 0
         self.dino_loss = DINOLoss(dino.head_n_prototypes, queue_size=queue)
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes(dino, ibot))
         self.koleo_loss = KoLeoLoss()
 
     def train(self, mode: bool = True) -> StudentTeacher:

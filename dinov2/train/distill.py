@@ -40,7 +40,8 @@ from dinov2.config import (
     load_config,
     save_config,
 )
-from dinov2.models.distillation import Distillation, ibot_prototypes, part_key, split_by_student
+from dinov2.models.distillation import Distillation, part_key, split_by_student
+from dinov2.models.student_teacher import ibot_prototypes
 from dinov2.train.checkpoint import list_valid_checkpoints
 from dinov2.train.highres import load_backbone_resampled, read_model_state, resolve_init_source
 from dinov2.train.metrics import count_forward_flops
