@@ -366,34 +366,6 @@ def knn_self(base: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, 
     return searcher.search_self(0, base.shape[0], k)
 
 
-def measure_recall(
-    base: np.ndarray,
-    k: int,
-    params: Any,
-    sample: int,
-    seed: int = 0,
-    queries: np.ndarray | None = None,
-    searcher: Searcher | None = None,
-    min_sim: float | None = None,
-) -> float:
-    """recall@k of the configured search against exact search, on a seeded sample of queries.
-
-    Args:
-        base: float16/float32 [n, d].
-        k: neighbours compared.
-        params: KnnParams or config-like.
-        sample: queries drawn (without replacement, sorted) from `queries`, or from `base` when None (then each
-            query's own row is left out of both result lists, as in a self-search).
-        searcher: a Searcher already built on `base` (saves rebuilding the index).
-        min_sim: count only exact neighbours with similarity > min_sim (e.g. the dedup edge threshold: most of a
-            k = 64 list is unrelated images whose order matters to no one).
-
-    Returns:
-        |approx top-k ∩ exact top-k| / |exact top-k| summed over the sampled queries; 1.0 when nothing to count.
-    """
-    return measure_recalls(base, k, params, sample, seed, queries, searcher, (min_sim,))[0]
-
-
 def measure_recalls(
     base: np.ndarray,
     k: int,
@@ -404,8 +376,24 @@ def measure_recalls(
     searcher: Searcher | None = None,
     min_sims: Sequence[float | None] = (None,),
 ) -> list[float]:
-    """`measure_recall` for several `min_sim` values from one exact and one approximate search of the sample (the
-    exact search reads the whole base, the expensive part at scale)."""
+    """recall@k of the configured search against exact search, on a seeded sample of queries, for each of
+    `min_sims` from one exact and one approximate search of the sample (the exact search reads the whole base, the
+    expensive part at scale).
+
+    Args:
+        base: float16/float32 [n, d].
+        k: neighbours compared.
+        params: KnnParams or config-like.
+        sample: queries drawn (without replacement, sorted) from `queries`, or from `base` when None (then each
+            query's own row is left out of both result lists, as in a self-search).
+        searcher: a Searcher already built on `base` (saves rebuilding the index).
+        min_sims: per recall, count only exact neighbours with similarity > min_sim (e.g. the dedup edge
+            threshold: most of a k = 64 list is unrelated images whose order matters to no one); None counts all.
+
+    Returns:
+        Per min_sim, |approx top-k ∩ exact top-k| / |exact top-k| summed over the sampled queries; 1.0 when
+        nothing to count.
+    """
     p = _as_params(params)
     src = base if queries is None else queries
     m = min(sample, src.shape[0])

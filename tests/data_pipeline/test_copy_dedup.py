@@ -22,7 +22,7 @@ from data_pipeline.core.knn import (
     knn_params,
     knn_search,
     knn_self,
-    measure_recall,
+    measure_recalls,
 )
 from data_pipeline.core.stage import StageContext, run_stage
 from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
@@ -90,8 +90,8 @@ def test_approximate_index_reranked_matches_flat_graph(kind, n_clusters):
     searcher = Searcher(base, params)
     assert searcher.kind == kind and searcher.nlist > 1
     # Clusters of 5: the 4 mates are the neighbours that matter; the rest of a top-16 list is far noise.
-    recall = measure_recall(base, 4, params, sample=300, seed=0, searcher=searcher)
-    edge_recall = measure_recall(base, 16, params, sample=300, seed=0, searcher=searcher, min_sim=0.6)
+    [recall] = measure_recalls(base, 4, params, sample=300, seed=0, searcher=searcher)
+    [edge_recall] = measure_recalls(base, 16, params, sample=300, seed=0, searcher=searcher, min_sims=(0.6,))
     print(f"{kind}: nlist={searcher.nlist} nprobe=16 recall@4={recall:.4f} edge recall@16={edge_recall:.4f}")
     assert recall >= 0.95 and edge_recall >= 0.95
     sims, idx = searcher.search(base[:50], 8)

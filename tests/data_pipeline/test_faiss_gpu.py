@@ -17,7 +17,7 @@ from data_pipeline.core.knn import (
     Searcher,
     exact_search,
     index_to_bytes,
-    measure_recall,
+    measure_recalls,
     searcher_from_bytes,
 )
 
@@ -114,8 +114,8 @@ def test_knn_gpu_matches_cpu(needs_faiss_gpu, kind):
     else:
         # The coarse k-means ran on the GPU, so the lists differ a little; what the stage reports, recall against
         # exact search, must not.
-        rc = measure_recall(base, 16, cpu.params, 500, searcher=cpu)
-        rg = measure_recall(base, 16, gpu.params, 500, searcher=gpu)
+        [rc] = measure_recalls(base, 16, cpu.params, 500, searcher=cpu)
+        [rg] = measure_recalls(base, 16, gpu.params, 500, searcher=gpu)
         assert abs(rc - rg) <= 0.01 and same.mean() >= 0.9
     common = ci == gi
     assert np.array_equal(cs[common], gs[common])  # exact CPU re-scoring: the same pair has the same bits
