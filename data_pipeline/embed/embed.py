@@ -17,6 +17,7 @@ import signal
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -428,44 +429,22 @@ def _finish(ctx: StageContext, table: pa.Table, stage: str, role: str) -> dict:
     return counts
 
 
-def plan_embed_copy(ctx: StageContext) -> pa.Table:
-    """near_dedup keep rows + evaluation-set listings."""
-    return make_plan(ctx, "near_dedup", "copy")
+def embed_stage(role: str, upstream: str) -> Stage:
+    """The stage embedding `upstream`'s keep rows and the role's extra sets (copy: the evaluation sets, ssl: the seed
+    sets) with the role's model. The sets (names, files, mtimes) are rows of the plan, so only the `embed` and
+    `decode` sections are its config: decontamination's or retrieval's own knobs must not re-embed the pool."""
+    name = f"embed_{role}"
+    return Stage(
+        name=name,
+        inputs=(upstream,),
+        outputs=("pool.npy", "pool_rows.parquet"),
+        config_sections=("embed", "decode"),
+        plan=partial(make_plan, upstream=upstream, role=role),
+        finish=partial(_finish, stage=name, role=role),
+    )
 
 
-def finish_embed_copy(ctx: StageContext, table: pa.Table) -> dict:
-    """Embed the pool and every evaluation set with the copy-detection model."""
-    return _finish(ctx, table, "embed_copy", "copy")
-
-
-def plan_embed_ssl(ctx: StageContext) -> pa.Table:
-    """decontaminate keep rows + seed-set listings."""
-    return make_plan(ctx, "decontaminate", "ssl")
-
-
-def finish_embed_ssl(ctx: StageContext, table: pa.Table) -> dict:
-    """Embed the pool and every seed set with the SSL model."""
-    return _finish(ctx, table, "embed_ssl", "ssl")
-
-
-COPY_STAGE = Stage(
-    name="embed_copy",
-    inputs=("near_dedup",),
-    outputs=("pool.npy", "pool_rows.parquet"),
-    # The eval sets (names, files, mtimes) are rows of the plan; decontaminate's own knobs must not re-embed.
-    config_sections=("embed", "decode"),
-    plan=plan_embed_copy,
-    finish=finish_embed_copy,
-)
-
-SSL_STAGE = Stage(
-    name="embed_ssl",
-    inputs=("decontaminate",),
-    outputs=("pool.npy", "pool_rows.parquet"),
-    # The seed sets (names, files, mtimes) are rows of the plan; retrieval knobs must not re-embed the pool.
-    config_sections=("embed", "decode"),
-    plan=plan_embed_ssl,
-    finish=finish_embed_ssl,
-)
+COPY_STAGE = embed_stage("copy", upstream="near_dedup")
+SSL_STAGE = embed_stage("ssl", upstream="decontaminate")
 
 STAGES = (COPY_STAGE, SSL_STAGE)
