@@ -110,13 +110,5 @@ class iBOTPatchLoss(LazyEMACenter):  # noqa: N801 - the official name
             raise ValueError(f"masks_weight {tuple(masks_weight.shape)} must match tokens {tuple(token_terms.shape)}")
         return -(token_terms * masks_weight).sum() / student_masks_flat.shape[0]
 
-    def forward(
-        self,
-        student_masked: torch.Tensor,
-        teacher_masked: torch.Tensor,
-        student_masks_flat: torch.Tensor,
-        n_masked_patches: int | None = None,
-        masks_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Same as ``forward_masked``; the official dense ``forward`` variant is unused in training, so not provided."""
-        return self.forward_masked(student_masked, teacher_masked, student_masks_flat, n_masked_patches, masks_weight)
+    # Calling the loss is forward_masked: the official dense ``forward`` variant is unused in training, so not provided.
+    forward = forward_masked

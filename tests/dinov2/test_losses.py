@@ -195,6 +195,7 @@ def test_ibot_forward_masked_default_weights():
     m, k = int(masks.sum()), 4
     student, teacher = torch.randn(m, k, generator=gen), _probs(m, k, gen)
     loss = iBOTPatchLoss(k).forward_masked(student, teacher, masks)
+    assert torch.equal(iBOTPatchLoss(k)(student, teacher, masks), loss)  # calling the loss is forward_masked
     # reference: loop over images, mean cross-entropy over each image's masked tokens, then mean over all 2B images
     token = 0
     per_image = []
