@@ -14,8 +14,8 @@ from PIL import Image
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import CurateConfig, DecodeConfig
-from data_pipeline.core.stage import Stage, StageContext, reject_counts
-from data_pipeline.ingest.ingest import MANIFEST_SCHEMA, read_item_bytes
+from data_pipeline.core.stage import Stage, StageContext
+from data_pipeline.ingest.ingest import MANIFEST_SCHEMA, read_item_bytes, write_manifest
 from dinov2.io import images
 from dinov2.io.files import UnsafeFile
 from dinov2.io.images import ImageRejected as DecodeReject
@@ -116,9 +116,7 @@ def plan_decode(ctx: StageContext) -> pa.Table:
 
 def finish_decode(ctx: StageContext, table: pa.Table) -> dict:
     """Write `manifest.parquet` (ingest columns + width, height, format, mode, pixel_sha256)."""
-    artifacts.write_parquet_atomic(ctx.stage_dir("decode") / "manifest.parquet", table)
-    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
-    return {"inputs": table.num_rows, "outputs": ok, "rejects": reject_counts(table)}
+    return write_manifest(ctx, "decode", table)
 
 
 STAGE = Stage(

@@ -281,11 +281,16 @@ def plan_ingest(ctx: StageContext) -> pa.Table:
     return pa.Table.from_pylist(unique, schema=PLAN_SCHEMA)
 
 
-def finish_ingest(ctx: StageContext, table: pa.Table) -> dict:
-    """Write `manifest.parquet`; counts for stats."""
-    artifacts.write_parquet_atomic(ctx.stage_dir("ingest") / "manifest.parquet", table)
+def write_manifest(ctx: StageContext, stage: str, table: pa.Table) -> dict:
+    """Write `<stage>/manifest.parquet`; its counts for stats: rows in, ok rows out, rejects by reason."""
+    artifacts.write_parquet_atomic(ctx.stage_dir(stage) / "manifest.parquet", table)
     ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
     return {"inputs": table.num_rows, "outputs": ok, "rejects": reject_counts(table)}
+
+
+def finish_ingest(ctx: StageContext, table: pa.Table) -> dict:
+    """Write `manifest.parquet`; counts for stats."""
+    return write_manifest(ctx, "ingest", table)
 
 
 STAGE = Stage(
