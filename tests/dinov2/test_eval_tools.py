@@ -73,13 +73,7 @@ def _write_shard(path: Path, per_class: int, seed: int, label_of=None) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: on a shared, loaded CPU, intra-op threads cost ~1000x more in barriers than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dinov2.config import load_config
 from dinov2.distributed.env import DistEnv
@@ -32,12 +31,7 @@ def _run(data: Path, out: Path, max_iter: int) -> dict:
     return train(load_config(None, _overrides(data, out, max_iter)), DistEnv.from_environment())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_truncated_newest_checkpoint_falls_back_and_is_kept(image_folder, tmp_path):

@@ -31,12 +31,7 @@ SPECS = {
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ours(spec: BackboneSpec) -> torch.nn.Module:
