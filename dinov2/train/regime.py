@@ -32,7 +32,11 @@ class Regime:
 
 
 def small_batch_active(cfg: TrainConfig, world_size: int) -> bool:
-    """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold."""
+    """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold. Never in
+    distillation: a frozen, trained teacher's targets do not drift to uniform, and the regime was measured on
+    self-distillation only."""
+    if cfg.distillation.enabled:
+        return False
     mode = cfg.small_batch.mode
     if mode == "auto":
         return total_batch_size(cfg.train, world_size) < cfg.small_batch.below_total_batch
@@ -51,6 +55,7 @@ def resolve_regime(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Regi
         ("teacher", "teacher_temp"): small.teacher_temp,
         ("train", "centering"): centering,
         ("dino", "sinkhorn_queue_size"): small.sinkhorn_queue_size if centering == "sinkhorn_knopp" else 0,
+        ("optim", "scaling_min_total_batch"): small.lr_scaling_min_total_batch,
     }
     resolved = copy.deepcopy(cfg)
     changes: dict[str, tuple[object, object]] = {}

@@ -287,9 +287,11 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
             skipped_images_total[reason] = skipped_images_total.get(reason, 0) + int(count)
     metrics = MetricLogger(output_dir, cfg.train.log_period, max_iter, env.is_main, cfg.train.tensorboard)
     logger.info(regime.describe())
-    logger.info("lr %.3g (scaled for a total batch of %d = %d ranks x %d images x %d micro-batches); "
-                "%.3g GFLOP per image", peak_lr, images_per_step, env.world_size, cfg.train.batch_size_per_gpu,
-                accum_steps, image_flops / 1e9)
+    floor = cfg.optim.scaling_min_total_batch
+    logger.info("lr %.3g (%s rule for a total batch of %d = %d ranks x %d images x %d micro-batches%s); "
+                "%.3g GFLOP per image", peak_lr, cfg.optim.scaling_rule, images_per_step, env.world_size,
+                cfg.train.batch_size_per_gpu, accum_steps,
+                f", scaled as {floor}" if floor > images_per_step else "", image_flops / 1e9)
     collapse = CollapseMonitor(cfg.dino.head_n_prototypes, cfg.train.log_period, cfg.train.collapse_patience)
     spikes = LossSpikeDetector(cfg.train.loss_spike_window, cfg.train.loss_spike_threshold)
     anomalies = AnomalyLog(output_dir, env.rank)

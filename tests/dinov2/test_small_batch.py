@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinov2.config import ConfigError, load_config
+from dinov2.config import ConfigError, load_config, scaled_lr
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
 from dinov2.loss import DINOLoss, sinkhorn_knopp
@@ -77,15 +77,21 @@ def test_regime_is_opt_in_by_default():
 
 
 def test_small_total_batch_resolves_to_the_small_batch_recipe():
-    cfg = load_config(None, ["train.batch_size_per_gpu=16", "train.grad_accum_steps=2", "small_batch.mode=auto"])
+    small = ["train.batch_size_per_gpu=16", "train.grad_accum_steps=2", "small_batch.mode=auto"]
+    cfg = load_config(None, small)
     resolved, regime = resolve_regime(cfg, 2)
     assert regime.name == "small_batch" and regime.total_batch == 64
     assert resolved is not cfg and cfg.teacher.teacher_temp == 0.07  # the input is not modified
     assert resolved.teacher.warmup_teacher_temp == resolved.teacher.teacher_temp == 0.02
-    assert resolved.train.centering == "centering" and resolved.dino.sinkhorn_queue_size == 0  # kept, no queue
-    assert regime.changes == {"teacher.warmup_teacher_temp": (0.04, 0.02), "teacher.teacher_temp": (0.07, 0.02)}
+    assert resolved.train.centering == "sinkhorn_knopp" and resolved.dino.sinkhorn_queue_size == 2048
+    assert regime.changes == {"teacher.warmup_teacher_temp": (0.04, 0.02), "teacher.teacher_temp": (0.07, 0.02),
+                              "train.centering": ("centering", "sinkhorn_knopp"),
+                              "dino.sinkhorn_queue_size": (0, 2048), "optim.scaling_min_total_batch": (0, 256)}
     assert "small_batch" in regime.describe() and "teacher.teacher_temp=0.02 (was 0.07)" in regime.describe()
-    sk_overrides = ["train.batch_size_per_gpu=16", "train.centering=sinkhorn_knopp", "small_batch.mode=auto"]
+    kept, _ = resolve_regime(load_config(None, [*small, "small_batch.centering=keep"]), 2)
+    assert kept.train.centering == "centering" and kept.dino.sinkhorn_queue_size == 0  # kept: no queue
+    sk_overrides = ["train.batch_size_per_gpu=16", "train.centering=sinkhorn_knopp", "small_batch.mode=auto",
+                    "small_batch.centering=keep"]
     sk, _ = resolve_regime(load_config(None, sk_overrides), 1)
     assert sk.train.centering == "sinkhorn_knopp" and sk.dino.sinkhorn_queue_size == 2048  # SK gets its queue
 
@@ -101,6 +107,18 @@ def test_regime_is_overridable_by_config_keys():
     assert tuned.teacher.teacher_temp == 0.05 and tuned.dino.sinkhorn_queue_size == 64
     sk, _ = resolve_regime(load_config(None, ["small_batch.mode=auto", "small_batch.centering=sinkhorn_knopp"]), 1)
     assert sk.train.centering == "sinkhorn_knopp" and sk.dino.sinkhorn_queue_size == 2048
+
+
+def test_lr_scaling_stops_shrinking_at_the_regime_floor():
+    official = load_config(None, ["train.batch_size_per_gpu=32", "optim.base_lr=0.002"])
+    assert scaled_lr(official.optim, 32) == pytest.approx(0.002 * math.sqrt(32 / 1024))  # the official sqrt rule
+    small, _ = resolve_regime(load_config(None, ["train.batch_size_per_gpu=32", "optim.base_lr=0.002",
+                                                 "small_batch.mode=auto"]), 1)
+    assert small.optim.scaling_min_total_batch == 256
+    assert scaled_lr(small.optim, 32) == pytest.approx(0.002 * math.sqrt(256 / 1024))  # 1e-3, not 3.5e-4
+    assert scaled_lr(small.optim, 512) == pytest.approx(0.002 * math.sqrt(512 / 1024))  # above the floor: the rule
+    small.optim.scaling_rule = "linear_wrt_256"
+    assert scaled_lr(small.optim, 64) == pytest.approx(0.002)
 
 
 def test_bad_small_batch_value_is_a_one_line_error_naming_the_key():
