@@ -76,7 +76,9 @@ class LazyEMACenter(nn.Module):
             raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
         self.apply_center_update()
         # center viewed as (K,) so the output keeps the input's shape whatever the center's leading dims
-        return torch.softmax((teacher_logits.float() - self.center.reshape(-1)) / teacher_temp, dim=-1)
+        # the division in place: at K = 65536 each (rows, K) temporary is a large fresh allocation (same values)
+        centered = (teacher_logits.float() - self.center.reshape(-1)).div_(teacher_temp)
+        return torch.softmax(centered, dim=-1)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._wait_for_reduce()  # the pending buffer is being written by the all-reduce

@@ -6,18 +6,17 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dinov2.loss.center import LazyEMACenter
 from dinov2.loss.sinkhorn_knopp import sinkhorn_knopp
+from dinov2.loss.soft_cross_entropy import soft_cross_entropy
 
 
 def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
     """L(s, t) = −(1/n) Σ_i Σ_k t_ik · log softmax(s_i / τ_s)_k for s, t of shape (n, K); returns a scalar."""
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_probs.shape)} differ")
-    log_probs = F.log_softmax(student_logits / student_temp, dim=-1)  # (n, K)
-    return -(teacher_probs * log_probs).sum(dim=-1).mean()
+    return soft_cross_entropy(student_logits, teacher_probs, student_temp).mean()
 
 
 class DINOLoss(LazyEMACenter):
@@ -108,14 +107,17 @@ class DINOLoss(LazyEMACenter):
         if len(student_logits_list) == 0 or len(teacher_probs_list) == 0:
             raise ValueError("DINOLoss needs at least one student and one teacher tensor")
         total = student_logits_list[0].new_zeros((), dtype=torch.float32)
+        for teacher_probs in teacher_probs_list[1:]:
+            if teacher_probs.shape != teacher_probs_list[0].shape:
+                raise ValueError(f"teacher shapes differ: {[tuple(t.shape) for t in teacher_probs_list]}")
+        # Σ_t L(s, t) = L(s, Σ_t t): one cross-entropy per student tensor against the summed targets
+        summed = sum(teacher_probs_list[1:], teacher_probs_list[0])
         for student_logits in student_logits_list:
-            log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (n, K)
-            for teacher_probs in teacher_probs_list:
-                if teacher_probs.shape != log_probs.shape:
-                    raise ValueError(
-                        f"student {tuple(log_probs.shape)} and teacher {tuple(teacher_probs.shape)} shapes differ"
-                    )
-                total = total - (teacher_probs * log_probs).sum(dim=-1).mean()
+            if summed.shape != student_logits.shape:
+                raise ValueError(
+                    f"student {tuple(student_logits.shape)} and teacher {tuple(summed.shape)} shapes differ"
+                )
+            total = total + soft_cross_entropy(student_logits, summed, self.student_temp).mean()
         return total
 
 
@@ -162,10 +164,9 @@ def dino_crop_losses(
     teacher_1, teacher_2 = teacher_probs.chunk(2)  # (B, K) each
     swapped = torch.cat((teacher_2, teacher_1))  # student crop 1 learns from teacher crop 2 and vice versa
     # L over the 2B stacked rows is the mean of the two pair losses, hence the factor 2
-    losses = {"dino_global_crops_loss": dino_cross_entropy(student_global.float(), swapped, student_temp) * 2 / n_terms}
+    losses = {"dino_global_crops_loss": dino_cross_entropy(student_global, swapped, student_temp) * 2 / n_terms}
     if n_local > 0:
-        log_probs = F.log_softmax(student_local.float().view(n_local, batch, n_proto) / student_temp, dim=-1)
         # Σ_u L(s_v, t_u) = −(1/B) Σ_i Σ_k (t_1 + t_2)_ik log p_vik, then summed over the local crops v
-        local = -(log_probs * (teacher_1 + teacher_2)).sum(dim=-1).mean(dim=-1).sum()
-        losses["dino_local_crops_loss"] = local / n_terms
+        per_row = soft_cross_entropy(student_local.view(n_local, batch, n_proto), teacher_1 + teacher_2, student_temp)
+        losses["dino_local_crops_loss"] = per_row.mean(dim=-1).sum() / n_terms
     return losses

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dinov2.loss.center import LazyEMACenter
 from dinov2.loss.sinkhorn_knopp import sinkhorn_knopp
+from dinov2.loss.soft_cross_entropy import soft_cross_entropy
 
 
 class iBOTPatchLoss(LazyEMACenter):  # noqa: N801 - the official name
@@ -97,8 +97,7 @@ class iBOTPatchLoss(LazyEMACenter):  # noqa: N801 - the official name
             )
         if student_masks_flat.dim() != 2:
             raise ValueError(f"student_masks_flat must be (2B, N), got {tuple(student_masks_flat.shape)}")
-        log_probs = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)  # (M, K)
-        token_terms = (teacher_masked * log_probs).sum(dim=-1)  # (M,) ℓ_j
+        token_terms = -soft_cross_entropy(student_masked, teacher_masked, self.student_temp)  # (M,) ℓ_j
         if masks_weight is None:
             masks = student_masks_flat.bool()
             per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).float()  # (2B,)
