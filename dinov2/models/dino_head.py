@@ -9,6 +9,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _WeightNorm(torch.autograd.Function):
+    """W = g · v / ‖v‖ (row-wise), with a backward that allocates one (out, in) tensor: autograd's, through the
+    multiply and the norm, allocates four, each a 64 MiB fresh allocation for the 65536-prototype layer."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        norm = v.norm(dim=1, keepdim=True)  # (out, 1)
+        ctx.save_for_backward(v, g, norm)
+        return v * (g / norm)
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        v, g, norm = ctx.saved_tensors
+        # dL/dv = (g/‖v‖) dL/dW − g (dL/dW · v) v / ‖v‖³ ;  dL/dg = (dL/dW · v) / ‖v‖ ; row-wise dots through einsum
+        dot = torch.einsum("oi,oi->o", grad_w, v).unsqueeze(1)  # (out, 1)
+        grad_g = dot / norm if ctx.needs_input_grad[1] else None
+        grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_v = grad_w * (g / norm)
+            grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1.0)
+        return grad_v, grad_g
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free Linear with weight W = g · v / ‖v‖ (row-wise), parameters literally ``weight_g`` and ``weight_v``.
 
@@ -35,7 +58,7 @@ class WeightNormLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The effective (out, in) weight g · v / ‖v‖ (no eps, as the legacy implementation)."""
-        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return _WeightNorm.apply(self.weight_v, self.weight_g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)

@@ -142,3 +142,18 @@ def test_half_precision_forward_is_finite(dtype):
     out = head(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert torch.all(out[0] == 0)
+
+
+def test_weight_norm_gradients_match_autograd():
+    """The hand-written backward of the effective weight against autograd through g · v / ‖v‖ (fp64)."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(8, 30).double()
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 3.0)
+    v = layer.weight_v.detach().clone().requires_grad_()
+    g = layer.weight_g.detach().clone().requires_grad_()
+    x, upstream = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+    (F.linear(x, v * (g / v.norm(dim=1, keepdim=True))) * upstream).sum().backward()
+    torch.testing.assert_close(layer.weight_v.grad, v.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight_g.grad, g.grad, rtol=1e-12, atol=1e-12)
