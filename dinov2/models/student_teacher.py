@@ -92,6 +92,10 @@ class Objective(nn.Module):
     (``Distillation``) both compute: which terms are on, their weights, the teacher's centering mode (``centering``
     or ``sinkhorn_knopp``) and the number of local crops per image."""
 
+    # Built by each subclass (self-distillation adds a Sinkhorn-Knopp queue to DINO's, distillation does not).
+    dino_loss: DINOLoss
+    ibot_patch_loss: iBOTPatchLoss
+
     def __init__(self, dino: DinoConfig, ibot: IbotConfig, *, n_local_crops: int, centering: str) -> None:
         super().__init__()
         self.do_dino = dino.loss_weight > 0
@@ -102,10 +106,6 @@ class Objective(nn.Module):
         self.ibot_loss_weight = ibot.loss_weight
         self.centering = centering
         self.n_local_crops = n_local_crops
-
-    # Built by each subclass (self-distillation adds a Sinkhorn-Knopp queue to DINO's, distillation does not).
-    dino_loss: DINOLoss
-    ibot_patch_loss: iBOTPatchLoss
 
     @torch.no_grad()
     def targets_from_rows(
