@@ -5,8 +5,9 @@ The paper's recipe: the large model is a frozen teacher; the objective stays DIN
 neither masking nor stochastic depth, and the iBOT loss covers every patch token of the two global crops; an EMA of
 each student is kept and is the final model. Where the paper is silent, this module chooses:
 
-- targets are computed exactly as in self-distillation (teacher head, then centering or Sinkhorn-Knopp at the
-  scheduled teacher temperature), with the one center EMA on the frozen teacher's outputs, started at zero;
+- targets are computed by self-distillation's own function (``Objective.targets_from_rows``: teacher head, then
+  centering or Sinkhorn-Knopp at the scheduled teacher temperature), with the one center EMA on the frozen
+  teacher's outputs, started at zero;
 - DINO pairs are the cross-view ones of the SSL objective (student crop 1 with teacher crop 2 and so on), so the
   objective is literally the same;
 - every student has its own DINO (and iBOT) head, as wide as its own embedding, with the teacher's prototype count
