@@ -7,17 +7,25 @@ undirected graph. Its connected components are only reported (they chain unrelat
 then greedy representatives in the documented order (largest width*height, then smallest id) keep every removed
 image within the threshold of the image it is removed in favour of.
 
-Resume and scale-out: an IVF index is trained once and written atomically to `_work/index.faiss`; query rows are then
-searched in slices of `copy_dedup.slice_rows` against it (`SharedIndex`), each slice's candidate pairs written
-atomically to `_work/pairs-*.parquet`. The slices run in this process or as one SLURM job array
-(`executors.run_slices`, `executor.kind: slurm`); either way a killed run redoes only the slices without a file, and
-the pairs are read back in slice order, so both give the same bytes.
+Resume and scale-out: an IVF index is trained once and written atomically to `index-<fingerprint>.faiss` in the
+stage folder (`shared_index_file`); query rows are then searched in slices of `copy_dedup.slice_rows` against it
+(`SharedIndex`), each slice's candidate pairs written atomically to `_work/pairs-*.parquet`. The slices run in this
+process or as one SLURM job array (`executors.run_slices`, `executor.kind: slurm`); either way a killed run redoes
+only the slices without a file, and the pairs are read back in slice order, so both give the same bytes.
+
+The index file outlives `_work`: decontamination searches the same vectors (the whole embedded pool, rows removed
+here included) with the same `copy_dedup` index settings and seed, so it loads this file instead of training the same
+index again. Its name carries a fingerprint of what decides the index (embed_copy's commit, the pool's shape, every
+`KnnParams` field): decontamination only loads a file whose name it computes itself, and retrains otherwise. It is a
+cache, not a checksummed output: a flat index writes none, and the file goes with the stage folder when the stage
+re-runs for another fingerprint.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +88,28 @@ def pool_row_ids(table: pa.Table, rows: pa.Table, check_keep: bool = True) -> np
     return row_id
 
 
+def shared_index_file(ctx: StageContext, pool: np.ndarray, params: KnnParams) -> Path:
+    """Where copy_dedup keeps the trained index of `pool` for decontamination: `D/copy_dedup/index-<fp>.faiss`.
+
+    The fingerprint covers everything the index is a function of: the pool (embed_copy's commit and the array's
+    shape) and every `KnnParams` field (kind, budget, lists, codes, seed, threads, device, ...), so a file with this
+    name holds the index `Searcher(pool, params)` would train.
+    """
+    marker = artifacts.read_success(ctx.require("embed_copy")) or {}
+    fp = artifacts.digest({"pool": {"fingerprint": marker.get("fingerprint"), "outputs": marker.get("outputs"),
+                                    "shape": list(pool.shape)},
+                           "params": asdict(params)})
+    return ctx.stage_dir("copy_dedup") / f"index-{fp}.faiss"
+
+
 class SharedIndex:
     """The pool and its kNN index as every slice of a search sees them.
 
     The driver builds it (`build`): an IVF index is trained once and written atomically to `index_file`, or loaded
-    from there on resume. A SLURM array task gets it pickled without the loaded index (the pool as its .npy file
-    name, see `artifacts.array_ref`) and loads the same index file on first use; a flat index is rebuilt from the
-    pool instead (flat is only chosen up to `flat_max` vectors, where adding is cheaper than writing the copy).
+    from there on resume (or from copy_dedup's file, in decontamination). A SLURM array task gets it pickled without
+    the loaded index (the pool as its .npy file name, see `artifacts.array_ref`) and loads the same index file on
+    first use; a flat index is rebuilt from the pool instead (flat is only chosen up to `flat_max` vectors, where
+    adding is cheaper than writing the copy).
     """
 
     def __init__(self, pool: np.ndarray, params: KnnParams, index_file: Path) -> None:
@@ -96,10 +119,9 @@ class SharedIndex:
         self._searcher: Searcher | None = None
 
     @classmethod
-    def build(cls, pool: np.ndarray, params: KnnParams, work: Path) -> SharedIndex:
-        """Driver side: load `work/index.faiss`, or build the index and write it there when it is not flat."""
-        shared = cls(pool, params, work / "index.faiss")
-        index_file = Path(shared.index_file)
+    def build(cls, pool: np.ndarray, params: KnnParams, index_file: Path) -> SharedIndex:
+        """Driver side: load `index_file`, or build the index and write it there when it is not flat."""
+        shared = cls(pool, params, index_file)
         if index_file.is_file():
             shared._searcher = searcher_from_bytes(pool, params, index_file.read_bytes())
         else:
@@ -144,7 +166,7 @@ def pair_slice(shared: SharedIndex, start: int, stop: int, k: int, floor: float,
 
 def self_pairs(
     pool: np.ndarray, k: int, floor: float, params, work: Path, run: SliceRunner = run_here,
-    slice_rows: int = 1 << 16,
+    slice_rows: int = 1 << 16, index_file: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Searcher | None]:
     """Unique undirected kNN pairs with sim > floor, resumable through `work`.
 
@@ -155,6 +177,7 @@ def self_pairs(
         params: KnnParams.
         run: how the query slices run (`executors.run_here`, or `slice_runner` of the stage's config).
         slice_rows: query rows per slice (per array task).
+        index_file: where the IVF index is written (and loaded from on resume); `work/index.faiss` when None.
 
     Returns:
         (a int64 [P], b int64 [P], sim float32 [P], searcher) with a < b, sorted by (a, b); searcher is None when
@@ -164,7 +187,7 @@ def self_pairs(
     if n < 2:
         e = np.zeros(0, np.int64)
         return e, e, np.zeros(0, np.float32), None
-    shared = SharedIndex.build(pool, params, work)
+    shared = SharedIndex.build(pool, params, index_file if index_file is not None else work / "index.faiss")
     tasks = []
     for i, start in enumerate(range(0, n, slice_rows)):
         stop = min(n, start + slice_rows)
@@ -221,7 +244,8 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     params = knn_params(cfg, seed=ctx.cfg.seed)
     floor = cfg.threshold - cfg.audit_margin  # the audit band reaches below the edge threshold
     run = slice_runner(ctx.cfg, ctx.output_dir / "_executor" / "copy_dedup")
-    a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work, run, cfg.slice_rows)
+    a, b, s, searcher = self_pairs(pool, cfg.k, floor, params, work, run, cfg.slice_rows,
+                                   shared_index_file(ctx, pool, params))
     edge = s > cfg.threshold
 
     ids = np.array(table.column("id").to_pylist(), dtype=object)

@@ -8,10 +8,15 @@ dup_kind but are labelled too (`contaminated_by`), as are exact / near duplicate
 
 Outputs: `manifest.parquet` (+ contaminated_by), `matches.parquet` (every pair above the threshold) and `audit.parquet`
 (a seeded sample of borderline pairs within `decontaminate.audit_margin` of the threshold, for the report).
-Resume and scale-out: the pool index is built once (`copy_dedup.SharedIndex`: an IVF index is written to
-`_work/index.faiss`); each eval set is searched in slices of `copy_dedup.slice_rows` eval images, here or as a SLURM
-job array (`executors.run_slices`), each slice's pairs above the audit floor written atomically to
-`_work/matches-NNN-<start>-<stop>.parquet` and skipped on a re-run.
+Resume and scale-out: the pool index is copy_dedup's own. Both stages search the same vectors (embed_copy's whole
+pool: copy_dedup queries it with itself, this stage with the eval images; nothing copy_dedup removed is dropped from
+it) with the same `copy_dedup` index settings and global seed, so the IVF index copy_dedup trained and kept as
+`D/copy_dedup/index-<fingerprint>.faiss` (`copy_dedup.shared_index_file`) is loaded instead of trained again. The
+file's name is computed here from embed_copy's commit, the pool's shape and the index settings, so a file left by
+another pool or config is never picked up; without one (a flat index, or copy_dedup run by an older version) the
+index is trained as before and written to `_work/index.faiss`. Each eval set is searched in slices of
+`copy_dedup.slice_rows` eval images, here or as a SLURM job array (`executors.run_slices`), each slice's pairs above
+the audit floor written atomically to `_work/matches-NNN-<start>-<stop>.parquet` and skipped on a re-run.
 With an approximate index (large pools, see `knn.resolve_kind`) the recall of the approximate step against exact
 search is measured on `copy_dedup.recall_sample` seeded eval images of each set, printed, and written to the stats
 (`recall`: exact neighbours above the threshold that the index found; `recall_at_k`), through `_work/recall-NNN.json`.
@@ -30,7 +35,7 @@ from data_pipeline.core import artifacts
 from data_pipeline.core.executors import SliceTask, slice_runner
 from data_pipeline.core.knn import Searcher, knn_params, measure_recalls
 from data_pipeline.core.stage import Stage, StageContext
-from data_pipeline.dedup.copy_dedup import SharedIndex, pool_row_ids, upstream_tag
+from data_pipeline.dedup.copy_dedup import SharedIndex, pool_row_ids, shared_index_file, upstream_tag
 from data_pipeline.embed.embed import load_embeddings, parse_eval_set
 
 MATCH_SCHEMA = pa.schema([("eval_set", pa.string()), ("eval_id", pa.string()), ("row_id", pa.int64()),
@@ -111,6 +116,14 @@ def audit_table(band: pa.Table, manifest: pa.Table, threshold: float, n_pairs: i
     return band
 
 
+def pool_index(ctx: StageContext, pool: np.ndarray, work: Path) -> SharedIndex:
+    """The pool's index: copy_dedup's trained file when its fingerprint matches this pool and these settings, else
+    built here (an IVF index then written to `work/index.faiss`, for resume and the SLURM slices)."""
+    params = knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed)
+    reused = shared_index_file(ctx, pool, params)
+    return SharedIndex.build(pool, params, reused if reused.is_file() else work / "index.faiss")
+
+
 def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
     """Write manifest.parquet (plus contaminated_by), matches.parquet and audit.parquet; counts per eval set
     (removed_rows: removed by this stage; already_removed: hit rows an earlier stage or set had removed)."""
@@ -152,7 +165,7 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         outs = [work / f"matches-{s_i:03d}-{a:012d}-{b:012d}.parquet" for a, b in bounds]
         if shared is None and not all(f.is_file() for f in outs):
             # Built only when some slice is missing: a resumed run with every slice done trains nothing.
-            shared = SharedIndex.build(pool, knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed), work)
+            shared = pool_index(ctx, pool, work)
         ref = artifacts.array_ref(evals)
         tasks = [SliceTask(i, match_slice, (shared, ref, a, b, k, floor), str(f))
                  for i, ((a, b), f) in enumerate(zip(bounds, outs))]
@@ -164,7 +177,7 @@ def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:
         recall_file = work / f"recall-{s_i:03d}.json"
         if not recall_file.is_file():
             if shared is None:
-                shared = SharedIndex.build(pool, knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed), work)
+                shared = pool_index(ctx, pool, work)
             artifacts.write_json_atomic(recall_file, set_recall(shared.searcher(), evals, k, ctx))
         sims = near.column("sim").to_numpy()
         m = near.filter(pa.array(sims > cfg.threshold))

@@ -5,8 +5,9 @@ The paper's recipe: the large model is a frozen teacher; the objective stays DIN
 neither masking nor stochastic depth, and the iBOT loss covers every patch token of the two global crops; an EMA of
 each student is kept and is the final model. Where the paper is silent, this module chooses:
 
-- targets are computed exactly as in self-distillation (teacher head, then centering or Sinkhorn-Knopp at the
-  scheduled teacher temperature), with the one center EMA on the frozen teacher's outputs, started at zero;
+- targets are computed by self-distillation's own function (``Objective.targets_from_rows``: teacher head, then
+  centering or Sinkhorn-Knopp at the scheduled teacher temperature), with the one center EMA on the frozen
+  teacher's outputs, started at zero;
 - DINO pairs are the cross-view ones of the SSL objective (student crop 1 with teacher crop 2 and so on), so the
   objective is literally the same;
 - every student has its own DINO (and iBOT) head, as wide as its own embedding, with the teacher's prototype count
@@ -152,23 +153,13 @@ class Distillation(Objective):
         """The frozen teacher's targets, once per batch: DINO (2B, K) of the global crops in the natural crop order,
         iBOT (2B·N, K) of every patch token of the global crops (image-major, then token)."""
         out = self.frozen_teacher["backbone"](batch["collated_global_crops"], is_training=True)
-        dino_targets = ibot_targets = None
+        dino_logits = ibot_logits = None
         if self.do_dino:
-            logits = self.frozen_teacher["dino_head"](out["x_norm_clstoken"]).float()  # (2B, K)
-            if self.centering == "centering":
-                dino_targets = self.dino_loss.softmax_center_teacher(logits, teacher_temp)
-                self.dino_loss.update_center(logits)
-            else:
-                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
+            dino_logits = self.frozen_teacher["dino_head"](out["x_norm_clstoken"]).float()  # (2B, K)
         if self.do_ibot:
             patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
-            logits = self.frozen_teacher[self.teacher_ibot_head](patches).float()  # (2B*N, K)
-            if self.centering == "centering":
-                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(logits[None], teacher_temp)[0]
-                self.ibot_patch_loss.update_center(logits[None])
-            else:
-                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
-        return dino_targets, ibot_targets
+            ibot_logits = self.frozen_teacher[self.teacher_ibot_head](patches).float()  # (2B*N, K)
+        return self.targets_from_rows(dino_logits, ibot_logits, teacher_temp)
 
     def student_losses(self, name: str, batch: dict, dino_targets: torch.Tensor | None,
                        ibot_targets: torch.Tensor | None) -> dict[str, torch.Tensor]:

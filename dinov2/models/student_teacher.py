@@ -92,6 +92,10 @@ class Objective(nn.Module):
     (``Distillation``) both compute: which terms are on, their weights, the teacher's centering mode (``centering``
     or ``sinkhorn_knopp``) and the number of local crops per image."""
 
+    # Built by each subclass (self-distillation adds a Sinkhorn-Knopp queue to DINO's, distillation does not).
+    dino_loss: DINOLoss
+    ibot_patch_loss: iBOTPatchLoss
+
     def __init__(self, dino: DinoConfig, ibot: IbotConfig, *, n_local_crops: int, centering: str) -> None:
         super().__init__()
         self.do_dino = dino.loss_weight > 0
@@ -102,6 +106,29 @@ class Objective(nn.Module):
         self.ibot_loss_weight = ibot.loss_weight
         self.centering = centering
         self.n_local_crops = n_local_crops
+
+    @torch.no_grad()
+    def targets_from_rows(
+        self, dino_logits: torch.Tensor | None, ibot_logits: torch.Tensor | None, teacher_temp: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Teacher target probabilities from fp32 teacher logits, DINO (n, K) CLS rows and iBOT (m, K) patch rows,
+        either may be None: softmax with the EMA center, then one center update from these rows (``centering``),
+        or Sinkhorn-Knopp (``sinkhorn_knopp``), at ``teacher_temp``. The one place both objectives turn logits into
+        targets, so self-distillation and distillation cannot drift apart."""
+        dino_targets = ibot_targets = None
+        if dino_logits is not None:
+            if self.centering == "centering":
+                dino_targets = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
+                self.dino_loss.update_center(dino_logits)
+            else:
+                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
+        if ibot_logits is not None:
+            if self.centering == "centering":
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(ibot_logits[None], teacher_temp)[0]
+                self.ibot_patch_loss.update_center(ibot_logits[None])
+            else:
+                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp)
+        return dino_targets, ibot_targets
 
 
 class StudentTeacher(Objective):
@@ -192,19 +219,7 @@ class StudentTeacher(Objective):
             by_crop = [d.unflatten(0, (2, -1)) for d in dino_parts]  # (2, B_i, K) each
             dino_all = dino_parts[0] if len(dino_parts) == 1 else torch.cat(by_crop, dim=1).flatten(0, 1)
         ibot_all = (ibot_parts[0] if len(ibot_parts) == 1 else torch.cat(ibot_parts)) if ibot_parts else None
-        dino_targets = ibot_targets = None
-        if dino_all is not None:
-            if self.centering == "centering":
-                dino_targets = self.dino_loss.softmax_center_teacher(dino_all, teacher_temp)
-                self.dino_loss.update_center(dino_all)
-            else:
-                dino_targets = self.dino_loss.sinkhorn_knopp_teacher(dino_all, teacher_temp)
-        if ibot_all is not None:
-            if self.centering == "centering":
-                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(ibot_all[None], teacher_temp)[0]
-                self.ibot_patch_loss.update_center(ibot_all[None])
-            else:
-                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_all, teacher_temp)
+        dino_targets, ibot_targets = self.targets_from_rows(dino_all, ibot_all, teacher_temp)
         if len(logits) == 1:
             return [(dino_targets, ibot_targets)]
         dino_split = None

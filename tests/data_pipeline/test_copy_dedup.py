@@ -26,7 +26,7 @@ from data_pipeline.core.knn import (
 )
 from data_pipeline.core.stage import StageContext, run_stage
 from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
-from data_pipeline.dedup.copy_dedup import self_pairs
+from data_pipeline.dedup.copy_dedup import self_pairs, shared_index_file
 from data_pipeline.dedup.decontaminate import STAGE as DECON_STAGE
 
 D = 128  # random unit vectors in 128-d have |cos| < ~0.4, so only planted pairs cross 0.45
@@ -417,6 +417,56 @@ def test_rerun_is_a_noop_and_outputs_are_deterministic(tmp_path):
     _write_upstream(tmp_path / "one", sc, {"evalA": _unit(sc["rng"].standard_normal((1, D)))})
     third = _run(tmp_path / "one", COPY_STAGE, DECON_STAGE, overrides=ov)
     assert not third[0].skipped and third[1].counts["removed"] == {"contaminated": 0}
+
+
+def _count_ivf_training(monkeypatch) -> list[int]:
+    """Patch `Searcher._train_ivf` to count its calls; returns the list that grows by one per training."""
+    calls: list[int] = []
+    train = Searcher._train_ivf
+
+    def counted(self, base):
+        calls.append(base.shape[0])
+        return train(self, base)
+
+    monkeypatch.setattr(Searcher, "_train_ivf", counted)
+    return calls
+
+
+def test_decontaminate_loads_copy_dedup_index_and_writes_the_same_bytes_as_retraining(tmp_path, monkeypatch):
+    sc = _scenario()
+    evals = {"evalA": np.stack([_eval_near(sc["rows"][sc["pos"][n]]["vec"], c, sc["rng"])
+                                for n, c in (("B1", 0.6), ("C0", 0.5), ("R3", 0.44))])}
+    ov = ["decontaminate.eval_sets=[evalA]", "copy_dedup.index=ivf", "copy_dedup.nlist=4", "copy_dedup.nprobe=2",
+          "copy_dedup.recall_sample=20"]
+    trained = _count_ivf_training(monkeypatch)
+    _write_upstream(tmp_path / "reuse", sc, evals)
+    _run(tmp_path / "reuse", COPY_STAGE, DECON_STAGE, overrides=ov)
+    assert len(trained) == 1  # copy_dedup trained the index, decontaminate loaded it
+    cfg = load_config(None, ["copy_dedup.threads=2", *ov])
+
+    def kept_file(out: Path) -> Path:
+        pool = np.load(out / "embed_copy/pool.npy", mmap_mode="r")
+        return shared_index_file(StageContext(cfg, out), pool, knn_params(cfg.copy_dedup, seed=0))
+
+    kept = kept_file(tmp_path / "reuse")
+    assert sorted((tmp_path / "reuse/copy_dedup").glob("index-*.faiss")) == [kept]
+
+    _write_upstream(tmp_path / "retrain", sc, evals)
+    _run(tmp_path / "retrain", COPY_STAGE, overrides=ov)
+    (tmp_path / "retrain/copy_dedup" / kept.name).unlink()  # as main did: the index left with copy_dedup's _work
+    _run(tmp_path / "retrain", DECON_STAGE, overrides=ov)
+    assert len(trained) == 3
+    for name in ("manifest.parquet", "matches.parquet", "audit.parquet", "_SUCCESS.json"):
+        got = (tmp_path / "reuse/decontaminate" / name).read_bytes()
+        assert got == (tmp_path / "retrain/decontaminate" / name).read_bytes(), name
+    matches = artifacts.read_table(tmp_path / "reuse/decontaminate/matches.parquet")
+    assert matches.num_rows >= 2  # the planted eval images do match: the comparison covers real removals
+
+    # A new embed_copy commit gives another file name: the kept index is not loaded for it, decontaminate retrains.
+    _write_upstream(tmp_path / "reuse", sc, {**evals, "evalB": evals["evalA"][:1]})
+    assert kept.is_file() and not kept_file(tmp_path / "reuse").is_file()
+    (res,) = _run(tmp_path / "reuse", DECON_STAGE, overrides=ov)
+    assert not res.skipped and len(trained) == 4
 
 
 def test_pool_not_matching_manifest_is_rejected(tmp_path):

@@ -160,7 +160,7 @@ def test_shared_index_pickles_without_the_index_and_reloads_it(tmp_path):
 
     np.save(tmp_path / "pool.npy", _pool(900, seed=2))
     pool = np.load(tmp_path / "pool.npy", mmap_mode="r")
-    shared = SharedIndex.build(pool, KnnParams(index="ivf", threads=1), tmp_path)
+    shared = SharedIndex.build(pool, KnnParams(index="ivf", threads=1), tmp_path / "index.faiss")
     blob = pickle.dumps(shared)
     assert len(blob) < 4096  # the pool travels as its file name, the index as the shared index file
     copy = pickle.loads(blob)
@@ -332,7 +332,7 @@ def test_slurm_lost_slice_is_redone_alone_and_failing_slice_is_retried_then_repo
     # A slice whose shared index is missing fails in its array task: resubmitted once (max_retries=1), then
     # reported by index, while the healthy slice's output stays.
     broken = SharedIndex(pool, params, tmp_path / "missing.faiss")
-    healthy = SharedIndex.build(pool, params, tmp_path / "w")
+    healthy = SharedIndex.build(pool, params, tmp_path / "w" / "index.faiss")
     tasks = [SliceTask(0, pair_slice, (healthy, 0, 800, 8, 0.5), str(tmp_path / "f" / "ok.parquet")),
              SliceTask(1, pair_slice, (broken, 800, 1600, 8, 0.5), str(tmp_path / "f" / "bad.parquet"))]
     fail_logs = slurm_cluster.log_root / "failing"
