@@ -20,6 +20,7 @@ from dinov2.distributed.env import DistEnv
 from dinov2.eval import extract, knn, linear, visualize
 from dinov2.eval.datasets import open_images
 from dinov2.eval.features import extract_features
+from dinov2.train.regime import resolve_regime
 from dinov2.train.train import build_student_teacher, train
 from dinov2.weights import export_backbone, load_backbone
 from dinov2.weights.export import main as export_main
@@ -59,7 +60,7 @@ def trained(tmp_path_factory) -> dict:
     cfg = load_config(None, _overrides(root / "data", root / "run"))
     train(cfg, DistEnv.from_environment())
     state = torch.load(root / "run" / "checkpoints" / "iter_0000001" / "state.pth", weights_only=True)
-    model = build_student_teacher(cfg)
+    model = build_student_teacher(resolve_regime(cfg, 1)[0])  # the run's regime: its Sinkhorn-Knopp queue buffers
     model.load_state_dict(state["model"])
     yield {"root": root, "data": root / "data", "run": root / "run", "teacher": model.teacher["backbone"].eval()}
     torch.set_num_threads(threads)

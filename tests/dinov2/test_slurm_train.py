@@ -69,7 +69,8 @@ def finished(job_id: str) -> bool:
 
 def metric_lines(out: Path) -> list[dict]:
     path = out / "training_metrics.json"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [line for line in lines if "event" not in line]  # per-iteration lines, not e.g. a collapse warning
 
 
 def log_text(out: Path) -> str:

@@ -71,9 +71,13 @@ def test_large_batch_model_has_the_official_state_dict_keys():
     assert not any("queue" in key for key in build_student_teacher(cfg).state_dict())
 
 
-def test_regime_is_opt_in_by_default():
+def test_regime_is_on_by_default_below_the_threshold_and_never_in_distillation():
     _, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=8"]), 1)
-    assert regime.name != "small_batch"
+    assert regime.name == "small_batch"
+    distill = load_config(None, ["train.batch_size_per_gpu=8", "distillation.enabled=true",
+                                 "distillation.checkpoint_path=/weights/teacher.pth"])
+    resolved, regime = resolve_regime(distill, 1)
+    assert regime.name == "official" and resolved is distill
 
 
 def test_small_total_batch_resolves_to_the_small_batch_recipe():
