@@ -48,6 +48,9 @@ _DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes into a s
 _ROLES = ("student", "teacher")
 _HEADS = ("dino_head.", "ibot_head.")
 _CENTERS = ("dino_loss.", "ibot_patch_loss.")
+# Sinkhorn-Knopp's queue of earlier teacher rows (present only where the run's regime uses one): rows of the previous
+# phase's teacher at another resolution, so a phase starts with an empty queue whatever either phase's regime is
+_QUEUE = ("dino_loss.queue", "dino_loss.queue_filled")
 
 
 def resolve_init_source(init_from: str | Path) -> Path:
@@ -133,10 +136,10 @@ def load_backbone_resampled(backbone: torch.nn.Module, state: Mapping[str, torch
 
 
 def _load_heads(model: StudentTeacher, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Heads of both roles and the loss centers, strictly (every non-backbone entry of the model)."""
+    """Heads of both roles and the loss centers, strictly (every non-backbone entry of the model but the queue)."""
     is_backbone = lambda key: any(key.startswith(f"{role}.backbone.") for role in _ROLES)  # noqa: E731
-    wanted = {k: v for k, v in model.state_dict().items() if not is_backbone(k)}
-    given = {k: v for k, v in state.items() if not is_backbone(k)}
+    wanted = {k: v for k, v in model.state_dict().items() if not is_backbone(k) and k not in _QUEUE}
+    given = {k: v for k, v in state.items() if not is_backbone(k) and k not in _QUEUE}
     missing = sorted(set(wanted) - set(given))
     if not any(k.startswith(_CENTERS) for k in given):  # a teacher_checkpoint.pth: no centers to carry over
         missing = [k for k in missing if not k.startswith(_CENTERS)]

@@ -12,6 +12,7 @@ from dinov2.config import ConfigError, load_config
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
 from dinov2.train.highres import init_phase_from
+from dinov2.train.regime import resolve_regime
 from dinov2.train.train import build_student_teacher, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +76,17 @@ def test_phase_resizes_pos_embed_and_carries_heads_and_centers(images, low_res_r
     assert not torch.equal(old["student.backbone.blocks.0.attn.qkv.weight"],
                            old["teacher.backbone.blocks.0.attn.qkv.weight"])  # roles really kept apart
     assert "dino_loss.center" in untouched and old["dino_loss.center"].abs().sum() > 0
+
+
+def test_phase_starts_its_own_sinkhorn_knopp_queue_whatever_the_regimes(images, low_res_run, tmp_path, tiny):
+    # the 56 px run used the official objective (no queue); this phase runs the small-batch regime (a queue)
+    cfg, _ = resolve_regime(load_config(None, tiny(images, tmp_path, 112, 3, f"train.init_from={low_res_run}",
+                                                   "small_batch.mode=always", "small_batch.sinkhorn_queue_size=8")), 1)
+    model = build_student_teacher(cfg)
+    assert init_phase_from(model, cfg.train)
+    old, new = load_state(low_res_run, 2), model.state_dict()
+    assert int(new["dino_loss.queue_filled"]) == 0 and "dino_loss.queue" not in old
+    assert torch.equal(new["teacher.dino_head.last_layer.weight_v"], old["teacher.dino_head.last_layer.weight_v"])
 
 
 @pytest.fixture(scope="module")
