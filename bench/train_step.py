@@ -12,8 +12,8 @@ A step is what ``train()`` does per iteration, minus data loading: teacher forwa
 forward on all crops (packed multi-crop), DINO + iBOT + KoLeo losses, backward, per-submodule gradient clipping,
 AdamW step and the EMA teacher update, each through the trainer's own functions. The batch comes from the real
 collate (iBOT masks included). FLOPs per image come from the training log's own counter
-(``dinov2.train.train.flops_per_image``: fvcore, attention included): 3 x student forward (forward + backward) +
-teacher forward. The matmul peak is measured beside it, in the same run and precision, so "of peak" (the model FLOP
+(``dinov2.train.train.flops_per_image``: fvcore's matmul operators, attention included): the student's forward +
+backward and the teacher's forward, heads included (iBOT's on the masked tokens the collate targets on average). The matmul peak is measured beside it, in the same run and precision, so "of peak" (the model FLOP
 utilisation, MFU, against the measured peak) compares like with like. Results are printed, never asserted.
 
 bf16 counts only where the device multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16, measured as
@@ -159,7 +159,6 @@ def trainer_functions() -> SimpleNamespace:
     parallel = importlib.import_module("dinov2.distributed.parallel")
     return SimpleNamespace(
         build_student_teacher=train.build_student_teacher,
-        flops_per_image=train.flops_per_image,
         build_param_groups=optim.build_param_groups,
         build_optimizer=optim.build_optimizer,
         apply_schedules=optim.apply_schedules,
@@ -197,6 +196,17 @@ class Arm:
     phases: dict | None = None
 
 
+def model_flops_per_image(model: torch.nn.Module, cfg, device: torch.device) -> float:
+    """The training log's FLOP count of this tree, whichever revision built ``model``: every arm runs the same math,
+    so all are measured against one count (iBOT's head on the batch's expected masked tokens included)."""
+    from dinov2.train.train import expected_masked_tokens, flops_per_image
+
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    masked = expected_masked_tokens(cfg.train.batch_size_per_gpu, grid * grid, cfg.ibot.mask_sample_probability,
+                                    cfg.ibot.mask_ratio_min_max)
+    return flops_per_image(model, cfg.crops, device, masked)
+
+
 def build_arm(label: str, cfg, device: torch.device, rev: str | None, separate: bool) -> Arm:
     with dinov2_from_revision(rev) if rev else nullcontext():
         fns = trainer_functions()
@@ -208,7 +218,7 @@ def build_arm(label: str, cfg, device: torch.device, rev: str | None, separate: 
             cfg.optim.adamw_beta1,
             cfg.optim.adamw_beta2,
         )
-        flops = fns.flops_per_image(model, cfg.crops, device)
+    flops = model_flops_per_image(model, cfg, device)
     if separate:
         run_crops_separately(model.student["backbone"])
     groups = {name: [p for p in m.parameters() if p.requires_grad] for name, m in model.student.items()}

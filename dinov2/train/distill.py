@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from dinov2.models.distillation import Distillation, part_key, split_by_student
 from dinov2.models.student_teacher import ibot_prototypes
 from dinov2.train.checkpoint import list_valid_checkpoints
 from dinov2.train.highres import load_backbone_resampled, read_model_state, resolve_init_source
-from dinov2.train.metrics import count_forward_flops
+from dinov2.train.metrics import count_backbone_flops, count_forward_flops
 from dinov2.weights import extract_backbone
 
 logger = logging.getLogger("dinov2")
@@ -244,26 +246,37 @@ def ema_backbones(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def flops_per_image(model: Distillation, crops: CropsConfig, device: torch.device) -> float:
-    """Training FLOPs per image: the teacher's forward on the global crops plus, per student, forward and backward
-    (3x forward) on every crop, heads on the CLS tokens included."""
-    def backbone_and_head(backbone: torch.nn.Module, head: torch.nn.Module | None, size: int) -> float:
-        flops = count_forward_flops(backbone, torch.zeros(1, 3, size, size, device=device))
-        if head is not None:
-            flops += count_forward_flops(head, torch.zeros(1, backbone.embed_dim, device=device))
-        return flops
-
-    def part(parts: torch.nn.ModuleDict, key: str) -> torch.nn.Module | None:
-        return parts[key] if key in parts else None
-
+    """Training matmul FLOPs per image: the teacher's forward on the global crops plus, per student, forward and
+    backward (``count_backbone_flops``; 3x forward for the heads) on every crop. Heads included: the DINO head on
+    every CLS token and, with iBOT, the iBOT head on every patch token of the two global crops (nothing is masked
+    here; at ViT-S/14, 224 px and 65536 prototypes those heads cost about as much as the backbone)."""
     g, lsize, n_local = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
+
+    def head_flops(parts: torch.nn.ModuleDict, key: str, width: int) -> float:
+        if key not in parts:
+            return 0.0
+        return count_forward_flops(parts[key], torch.zeros(1, width, device=device))
+
+    def role_flops(parts: torch.nn.ModuleDict, key: Callable[[str], str], ibot_head: str) -> tuple[float, ...]:
+        """Of one backbone with its heads, ``key(part)`` its keys: the global crop's forward, then the global and
+        the local crop's forward + backward."""
+        backbone = parts[key("backbone")]
+        width, grid = backbone.embed_dim, g // backbone.patch_size
+        heads = head_flops(parts, key("dino_head"), width)
+        patches = grid * grid * head_flops(parts, key(ibot_head), width) if model.do_ibot else 0.0
+        global_forward, global_trained = count_backbone_flops(backbone, g, device)
+        _, local_trained = count_backbone_flops(backbone, lsize, device)
+        return (global_forward + heads + patches, global_trained + 3 * (heads + patches),
+                local_trained + 3 * heads)
+
     with torch.no_grad():
-        teacher = 2 * backbone_and_head(model.frozen_teacher["backbone"], part(model.frozen_teacher, "dino_head"), g)
+        teacher_global, _, _ = role_flops(model.frozen_teacher, str, model.teacher_ibot_head)
         students = 0.0
         for name in model.student_names:
-            backbone = model.student[part_key(name, "backbone")]
-            head = part(model.student, part_key(name, "dino_head"))
-            students += 2 * backbone_and_head(backbone, head, g) + n_local * backbone_and_head(backbone, head, lsize)
-    return teacher + 3 * students
+            _, student_global, student_local = role_flops(model.student, partial(part_key, name),
+                                                          model.student_ibot_head)
+            students += 2 * student_global + n_local * student_local
+    return 2 * teacher_global + students
 
 
 __all__ = ["DistillationPlan", "build_distillation", "check_pairing", "ema_backbones", "ema_exports", "ema_momentum",

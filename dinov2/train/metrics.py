@@ -175,18 +175,27 @@ def _sdpa_flop_handle(inputs, outputs) -> int:
     return 2 * batch_heads * n_q * n_k * d
 
 
-def _elementwise_zero(inputs, outputs) -> int:
-    return 0
+# What the matmul peak measures and the profiler's FLOP counts cover: fvcore's names for linear layers,
+# convolutions, matrix products and attention. Its layer-norm and upsampling estimates are not matmul work.
+MATMUL_OPERATORS = frozenset({"linear", "conv", "matmul", "bmm", "mm", "addmm", "einsum",
+                              "scaled_dot_product_attention"})
 
 
 def count_forward_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
-    """Forward FLOPs (2 x multiply-adds) of ``module(*inputs)`` counted by fvcore, attention included."""
+    """Forward matmul FLOPs (2 x multiply-adds) of ``module(*inputs)`` counted by fvcore, attention included."""
     from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(module, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_handle)
-    for op in ("aten::gelu", "aten::silu", "aten::add", "aten::mul", "aten::softmax", "aten::div", "aten::sub"):
-        analysis.set_op_handle(op, _elementwise_zero)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
-    return 2.0 * float(analysis.total())
+    return 2.0 * float(sum(n for op, n in analysis.by_operator().items() if op in MATMUL_OPERATORS))
+
+
+def count_backbone_flops(backbone: nn.Module, size: int, device: torch.device) -> tuple[float, float]:
+    """(forward, forward + backward) matmul FLOPs of one ``size`` px crop through a ViT backbone: the backward
+    costs twice the forward (input and weight gradients) except in the patch embedding, whose input, the pixels,
+    needs no gradient."""
+    crop = torch.zeros(1, 3, size, size, device=device)
+    forward = count_forward_flops(backbone, crop)
+    return forward, 3 * forward - count_forward_flops(backbone.patch_embed, crop)

@@ -41,7 +41,7 @@ from dinov2.train.collapse import describe as describe_collapse
 from dinov2.train.distill import build_distillation, ema_backbones, ema_exports, ema_momentum, plan_distillation
 from dinov2.train.distill import flops_per_image as distillation_flops_per_image
 from dinov2.train.highres import freeze_backbone_grads, init_phase_from, update_teacher_heads
-from dinov2.train.metrics import MetricLogger, count_forward_flops
+from dinov2.train.metrics import MetricLogger, count_backbone_flops, count_forward_flops
 from dinov2.train.optim import apply_schedules, build_optimizer, build_param_groups
 from dinov2.train.precision import resolve_autocast_dtype
 from dinov2.train.regime import resolve_regime
@@ -97,20 +97,35 @@ def load_initial_weights(model: StudentTeacher, pretrained_weights: str) -> None
     logger.info("initialised student and teacher backbones from %s", pretrained_weights)
 
 
-def flops_per_image(model: StudentTeacher, crops: CropsConfig, device: torch.device) -> float:
-    """Training FLOPs per image: student forward+backward (3x forward) on all crops plus teacher forward."""
+def flops_per_image(model: StudentTeacher, crops: CropsConfig, device: torch.device,
+                    masked_tokens_per_image: float = 0.0) -> float:
+    """Training matmul FLOPs per image: student forward + backward (``count_backbone_flops``; 3x forward for the
+    heads) on all crops plus the teacher's forward. Heads included: the DINO head on every CLS token, the iBOT head
+    on ``masked_tokens_per_image`` patch tokens (both roles run it on the masked tokens, see
+    ``expected_masked_tokens``); the iBOT head is about 12% of a ViT-S/14 step at 65536 prototypes."""
     backbone = model.teacher["backbone"]
-    g, lsize = crops.global_crops_size, crops.local_crops_size
     with torch.no_grad():
-        global_flops = count_forward_flops(backbone, torch.zeros(1, 3, g, g, device=device))
-        local_flops = count_forward_flops(backbone, torch.zeros(1, 3, lsize, lsize, device=device))
-        head_flops = 0.0
-        if "dino_head" in model.teacher:
-            head_flops = count_forward_flops(model.teacher["dino_head"], torch.zeros(1, backbone.embed_dim))
-    student = 2 * global_flops + crops.local_crops_number * local_flops
-    student += (2 + crops.local_crops_number) * head_flops
-    teacher = 2 * global_flops + 2 * head_flops
-    return 3 * student + teacher
+        global_forward, global_trained = count_backbone_flops(backbone, crops.global_crops_size, device)
+        _, local_trained = count_backbone_flops(backbone, crops.local_crops_size, device)
+        token = torch.zeros(1, backbone.embed_dim, device=device)
+        head = count_forward_flops(model.teacher["dino_head"], token) if "dino_head" in model.teacher else 0.0
+        ibot = 0.0
+        if model.do_ibot and masked_tokens_per_image > 0:
+            ibot = masked_tokens_per_image * count_forward_flops(model.teacher[model.ibot_head_name], token)
+    n_local = crops.local_crops_number
+    student = 2 * global_trained + n_local * local_trained + 3 * ((2 + n_local) * head + ibot)
+    teacher = 2 * global_forward + 2 * head + ibot
+    return student + teacher
+
+
+def expected_masked_tokens(batch_size: int, n_tokens: int, mask_probability: float,
+                           mask_ratio_min_max: tuple[float, float] | list[float]) -> float:
+    """Mean masked patch tokens per image that the collate targets for batches of ``batch_size`` images:
+    ``int(2B p)`` of the 2B global crops masked at stratified ratios in [r_min, r_max] (mean (r_min + r_max) / 2)
+    of ``n_tokens`` patches each (``dinov2.data.collate``)."""
+    r_min, r_max = mask_ratio_min_max
+    masked_crops = int(2 * batch_size * mask_probability)
+    return masked_crops * n_tokens * (r_min + r_max) / 2 / batch_size
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
@@ -239,8 +254,15 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     init_phase_from(model, cfg.train, resume)  # train.init_from (e.g. the 518 px phase), only without own checkpoint
     model.train()
     # Counted on rank 0 alone, so before sharding turns every forward into a collective.
-    count_flops = distillation_flops_per_image if plan is not None else flops_per_image
-    image_flops = count_flops(model, cfg.crops, device) if env.is_main else 0.0
+    if not env.is_main:
+        image_flops = 0.0
+    elif plan is not None:
+        image_flops = distillation_flops_per_image(model, cfg.crops, device)
+    else:
+        grid = cfg.crops.global_crops_size // cfg.student.patch_size
+        masked = expected_masked_tokens(cfg.train.batch_size_per_gpu, grid * grid, cfg.ibot.mask_sample_probability,
+                                        cfg.ibot.mask_ratio_min_max)
+        image_flops = flops_per_image(model, cfg.crops, device, masked)
     checkpoint_dir = latest_checkpoint(output_dir) if resume else None
     if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
         weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from dinov2.config import ConfigError, load_config, save_config
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv
 from dinov2.models.registry import ARCHS
-from dinov2.train.distill import build_distillation, plan_distillation
+from dinov2.train.distill import build_distillation, flops_per_image, plan_distillation
 from dinov2.train.highres import init_phase_from
 from dinov2.train.train import build_student_teacher, train
 
@@ -361,3 +363,16 @@ def test_vitg14_distillation_config_pairs(tmp_path):
     assert {n: s.arch for n, s in students.items()} == {"vits14": "vit_small", "vitb14": "vit_base"}
     assert teacher.student.arch == "vit_giant2" and all(s.patch_size == 14 for s in students.values())
     check_pairing(cfg, teacher, students)  # raises on any mismatch
+
+
+def test_flops_per_image_matches_the_counted_step(image_folder, teacher_run, tmp_path):
+    """The FLOP counter of the training log against the matmul FLOPs PyTorch counts in one distillation step: the
+    frozen teacher's forward, both students' forward and backward, the iBOT heads on every global patch token."""
+    students = "distillation.students=[{name: a, embed_dim: 32}, {name: b, embed_dim: 16, num_heads: 1}]"
+    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run, students))
+    model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False)).train()
+    batch = next(iter(build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math SDPA: counted products
+        model(batch, teacher_temp=0.04)["total_loss"].backward()
+    counted = counter.get_total_flops() / cfg.train.batch_size_per_gpu
+    assert flops_per_image(model, cfg.crops, torch.device("cpu")) == pytest.approx(counted, rel=0.01)
