@@ -49,8 +49,11 @@ STUDENT = ["student.embed_dim=64", "student.depth=4", "student.num_heads=2"]
 
 def run(overrides: list[str], out: Path) -> float:
     """Train and return the training wall time in seconds (a finished run in ``--workdir`` is reused with the time
-    it took, kept in ``wall_s``)."""
+    it took, kept in ``wall_s``, when it ran with the same overrides, kept in ``overrides.json``)."""
+    recorded = out / "overrides.json"
     if (out / "wall_s").is_file():
+        if recorded.is_file() and json.loads(recorded.read_text()) != overrides:
+            raise SystemExit(f"{out} holds a run with other settings: remove it or use another --workdir")
         return float((out / "wall_s").read_text())
     cfg = load_config(None, overrides)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +61,7 @@ def run(overrides: list[str], out: Path) -> float:
     start = time.perf_counter()
     train(cfg, DistEnv())
     seconds = time.perf_counter() - start
+    recorded.write_text(json.dumps(overrides))
     (out / "wall_s").write_text(f"{seconds:.1f}\n")
     return seconds
 
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-iters", type=int, default=0, help="from-scratch iterations (default: as many as fit "
                         "in the distillation's wall time, measured)")
     parser.add_argument("--workdir", default="", help="keep data and runs here (default: a temp dir)")
+    parser.add_argument("--name", default="distilled", help="the distillation run's folder in the workdir, so that "
+                        "runs with other overrides sit beside the first (default: distilled)")
+    parser.add_argument("overrides", nargs="*", help="extra training key=value overrides of the distillation run, "
+                        "e.g. teacher.teacher_temp=0.04")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher_dir = root / "teacher"
         teacher_s = run(training_overrides(root / "ssl", teacher_dir, args.teacher_iters), teacher_dir)
 
-        distill_dir = root / "distilled"
+        distill_dir = root / args.name
         distill_overrides = training_overrides(root / "ssl", distill_dir, args.distill_iters) + STUDENT + [
-            "distillation.enabled=true", f"distillation.checkpoint_path={teacher_dir}",
+            "distillation.enabled=true", f"distillation.checkpoint_path={teacher_dir}", *args.overrides,
         ]
         distill_s = run(distill_overrides, distill_dir)
 
