@@ -32,11 +32,9 @@ class Regime:
 
 
 def small_batch_active(cfg: TrainConfig, world_size: int) -> bool:
-    """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold. Never in
-    distillation: a frozen, trained teacher's targets do not drift to uniform, and the regime was measured on
-    self-distillation only."""
-    if cfg.distillation.enabled:
-        return False
+    """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold. In
+    distillation too: at a small batch the frozen teacher's targets at the official temperatures are near uniform and
+    the student barely moves at the square-root lr (bench/distill.py, README "Distillation")."""
     mode = cfg.small_batch.mode
     if mode == "auto":
         return total_batch_size(cfg.train, world_size) < cfg.small_batch.below_total_batch

@@ -71,13 +71,15 @@ def test_large_batch_model_has_the_official_state_dict_keys():
     assert not any("queue" in key for key in build_student_teacher(cfg).state_dict())
 
 
-def test_regime_is_on_by_default_below_the_threshold_and_never_in_distillation():
+def test_regime_is_on_by_default_below_the_threshold_in_distillation_too():
     _, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=8"]), 1)
     assert regime.name == "small_batch"
-    distill = load_config(None, ["train.batch_size_per_gpu=8", "distillation.enabled=true",
-                                 "distillation.checkpoint_path=/weights/teacher.pth"])
-    resolved, regime = resolve_regime(distill, 1)
-    assert regime.name == "official" and resolved is distill
+    distill = ["distillation.enabled=true", "distillation.checkpoint_path=/weights/teacher.pth"]
+    resolved, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=8", *distill]), 1)
+    assert regime.name == "small_batch" and resolved.teacher.teacher_temp == 0.02
+    large = load_config(None, ["train.batch_size_per_gpu=512", *distill])
+    resolved, regime = resolve_regime(large, 2)
+    assert regime.name == "official" and resolved is large
 
 
 def test_small_total_batch_resolves_to_the_small_batch_recipe():
