@@ -41,6 +41,7 @@ from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
 from dinov2.train.distill import build_distillation, plan_distillation  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
+from dinov2.train.regime import resolve_regime  # noqa: E402
 from dinov2.train.train import train  # noqa: E402
 from dinov2.weights import load_backbone  # noqa: E402
 
@@ -77,7 +78,7 @@ def knn(weights: Path, root: Path, num_heads: int) -> dict[str, np.ndarray]:
 
 def distilled_student_knn(overrides: list[str], out: Path, root: Path) -> dict[str, dict[str, np.ndarray]]:
     """kNN of the distilled student's random initialisation and of its live (trained, not averaged) weights."""
-    cfg = load_config(None, overrides)
+    cfg, _ = resolve_regime(load_config(None, overrides), 1)  # the run's model: its regime's queue buffers too
     model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False))
     backbone = model.student["student__backbone"]
     scores = {"init": knn_of(backbone, root)}
