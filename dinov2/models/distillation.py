@@ -138,8 +138,9 @@ class Distillation(Objective):
         # prod of the momenta so far: the share of the initial weights a plain EMA would still hold (float64: it
         # is divided by 1 - share, which fp32 rounds badly once momenta are within 1e-7 of 1)
         self.register_buffer("ema_init_share", torch.ones((), dtype=torch.float64))
-        queue = dino.sinkhorn_queue_size if centering == "sinkhorn_knopp" else 0  # the frozen teacher's rows
-        self.dino_loss = DINOLoss(dino.head_n_prototypes, queue_size=queue)
+        # no Sinkhorn-Knopp queue: with one, the targets of a batch of 32 were no better than the official ones
+        # (bench/distill.py, README "Distillation")
+        self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes(dino, ibot))
         self.koleo_loss = KoLeoLoss()
 

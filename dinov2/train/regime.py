@@ -33,8 +33,9 @@ class Regime:
 
 def small_batch_active(cfg: TrainConfig, world_size: int) -> bool:
     """True when the small-batch regime applies: ``small_batch.mode`` always, or auto below the threshold. In
-    distillation too: at a small batch the frozen teacher's targets at the official temperatures are near uniform and
-    the student barely moves at the square-root lr (bench/distill.py, README "Distillation")."""
+    distillation too (without the Sinkhorn-Knopp queue): at a small batch the official temperatures give targets
+    near uniform from a teacher trained under the regime, and the student hardly moves at the square-root lr
+    (bench/distill.py, README "Distillation")."""
     mode = cfg.small_batch.mode
     if mode == "auto":
         return total_batch_size(cfg.train, world_size) < cfg.small_batch.below_total_batch
@@ -52,9 +53,11 @@ def resolve_regime(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Regi
         ("teacher", "warmup_teacher_temp"): small.teacher_temp,
         ("teacher", "teacher_temp"): small.teacher_temp,
         ("train", "centering"): centering,
-        ("dino", "sinkhorn_queue_size"): small.sinkhorn_queue_size if centering == "sinkhorn_knopp" else 0,
         ("optim", "scaling_min_total_batch"): small.lr_scaling_min_total_batch,
     }
+    if not cfg.distillation.enabled:  # a distillation model has no queue (measured: it did not help there)
+        queue = small.sinkhorn_queue_size if centering == "sinkhorn_knopp" else 0
+        wanted[("dino", "sinkhorn_queue_size")] = queue
     resolved = copy.deepcopy(cfg)
     changes: dict[str, tuple[object, object]] = {}
     for (section, key), value in wanted.items():

@@ -77,6 +77,7 @@ def test_regime_is_on_by_default_below_the_threshold_in_distillation_too():
     distill = ["distillation.enabled=true", "distillation.checkpoint_path=/weights/teacher.pth"]
     resolved, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=8", *distill]), 1)
     assert regime.name == "small_batch" and resolved.teacher.teacher_temp == 0.02
+    assert resolved.optim.scaling_min_total_batch == 256 and resolved.dino.sinkhorn_queue_size == 0
     large = load_config(None, ["train.batch_size_per_gpu=512", *distill])
     resolved, regime = resolve_regime(large, 2)
     assert regime.name == "official" and resolved is large
