@@ -45,6 +45,11 @@ def _check_range(key: str, pair: list[float], low: float = 0.0, high: float = 1.
         raise ConfigError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {list(pair)}")
 
 
+def _check_probability(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: expected a probability in [0, 1], got {value}")
+
+
 def _check_finite(section: Any, prefix: str = "") -> None:
     """Every float (and list of floats) under ``section`` is finite; ConfigError naming the first key that is not."""
     for item in fields(section):
@@ -472,6 +477,7 @@ class TrainConfig:
         if self.dino.loss_weight <= 0 and self.ibot.loss_weight <= 0:
             raise ConfigError("dino.loss_weight: DINO and iBOT are both disabled; nothing would be trained")
         _check_range("ibot.mask_ratio_min_max", self.ibot.mask_ratio_min_max)
+        _check_probability("ibot.mask_sample_probability", self.ibot.mask_sample_probability)
         if self.train.init_from and (self.MODEL.WEIGHTS or self.student.pretrained_weights):
             raise ConfigError("train.init_from: set either it or MODEL.WEIGHTS / student.pretrained_weights, not both")
         # with a students list the student section is only the base their entries override (checked per student)

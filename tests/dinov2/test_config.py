@@ -68,6 +68,7 @@ def test_dotlist_overrides_win_over_file(tmp_path):
         (["train.loss_spike_window=2"], "train.loss_spike_window"),
         (["train.loss_spike_threshold=-1"], "train.loss_spike_threshold"),
         (["compute_precision.student.backbone.mixed_precision.param_dtype=fp8"], "param_dtype"),
+        (["ibot.mask_sample_probability=1.5"], "ibot.mask_sample_probability"),
     ],
 )
 def test_bad_keys_give_one_line_errors_naming_the_key(overrides, key):
