@@ -2,7 +2,7 @@
 scratch for the same wall time (kNN top-1, paired exact McNemar test), plus the teacher's own score.
 
 Usage:
-    python bench/distill.py                       # ~13 minutes on 2 cores
+    python bench/distill.py                       # ~30 minutes at one thread (teacher 14, distillation 8, scratch 7)
     python bench/distill.py --workdir /tmp/d      # keep data and runs; a rerun reuses the finished teacher
     python bench/distill.py --teacher-iters 60 --distill-iters 40   # a smoke run
 
