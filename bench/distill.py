@@ -6,8 +6,9 @@ Usage:
     python bench/distill.py --workdir /tmp/d      # keep data and runs; a rerun reuses the finished teacher
     python bench/distill.py --teacher-iters 60 --distill-iters 40   # a smoke run
 
-Data: ``bench/learning.py``'s photos set (12 scenes, 480 unlabelled 64 px crops for training, 240 labelled val
-crops). Teacher: that bench's ViT (128-d x 6 blocks, patch 8), trained by ``python -m dinov2.train``'s SSL loop.
+Data: ``bench/learning.py``'s photos set by default (12 scenes, 480 unlabelled 64 px crops for training, 240
+labelled val crops); ``--data tux`` or ``emoji`` for its harder ones. Teacher: that bench's ViT (128-d x 6
+blocks, patch 8), trained by ``python -m dinov2.train``'s SSL loop.
 Student: a 64-d x 4-block ViT with the same patch grid (about a sixth of the teacher's compute per image).
 
 1. the teacher: SSL, ``--teacher-iters`` iterations;
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.learning import IMAGE_PX, mcnemar_p, training_overrides, write_photos  # noqa: E402
+from bench.learning import IMAGE_PX, WRITERS, mcnemar_p, training_overrides  # noqa: E402
 from dinov2.config import load_config, save_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
 from dinov2.eval.knn import evaluate_knn  # noqa: E402
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-iters", type=int, default=300)
     parser.add_argument("--ssl-iters", type=int, default=0, help="from-scratch iterations (default: as many as fit "
                         "in the distillation's wall time, measured)")
+    parser.add_argument("--data", choices=tuple(WRITERS), default="photos", help="bench/learning.py's data set")
     parser.add_argument("--workdir", default="", help="keep data and runs here (default: a temp dir)")
     parser.add_argument("--name", default="distilled", help="the distillation run's folder in the workdir, so that "
                         "runs with other overrides sit beside the first (default: distilled)")
@@ -120,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         if not (root / "knn_val").is_dir():
-            write_photos(root)
+            n_classes = WRITERS[args.data](root)
+        else:
+            n_classes = sum(1 for path in (root / "knn_val").iterdir() if path.is_dir())
         setup_logging(root, True, 0)
         teacher_dir = root / "teacher"
         teacher_s = run(training_overrides(root / "ssl", teacher_dir, args.teacher_iters), teacher_dir)
@@ -146,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         total_s = time.perf_counter() - start
 
-    print(f"\nDistillation check: photos, 12 classes, 64 px; teacher 128-d x 6 ({args.teacher_iters} iterations, "
-          f"{teacher_s / 60:.1f} min); student 64-d x 4, patch 8; fp32 CPU, {torch.get_num_threads()} threads")
+    print(f"\nDistillation check: {args.data}, {n_classes} classes, 64 px; teacher 128-d x 6 ({args.teacher_iters} "
+          f"iterations, {teacher_s / 60:.1f} min); student 64-d x 4, patch 8; fp32 CPU, "
+          f"{torch.get_num_threads()} threads")
     print(f"student training time: distilled {args.distill_iters} iterations in {distill_s / 60:.1f} min, from "
           f"scratch {ssl_iters} iterations in {ssl_s / 60:.1f} min (matched at {rate:.2f} it/s)")
     print(f"{'model':<28} {'kNN top-1 k=10':>15} {'kNN top-1 k=20':>15}")
