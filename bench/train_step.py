@@ -13,8 +13,9 @@ forward on all crops (packed multi-crop), DINO + iBOT + KoLeo losses, backward, 
 AdamW step and the EMA teacher update, each through the trainer's own functions. The batch comes from the real
 collate (iBOT masks included). FLOPs per image come from the training log's own counter
 (``dinov2.train.train.flops_per_image``: fvcore's matmul operators, attention included): the student's forward +
-backward and the teacher's forward, heads included (iBOT's on the masked tokens the collate targets on average). The matmul peak is measured beside it, in the same run and precision, so "of peak" (the model FLOP
-utilisation, MFU, against the measured peak) compares like with like. Results are printed, never asserted.
+backward and the teacher's forward, heads included (iBOT's on the masked tokens the collate targets on average).
+The matmul peak is measured beside it, in the same run and precision, so "of peak" (the model FLOP utilisation,
+MFU, against the measured peak) compares like with like. Results are printed, never asserted.
 
 bf16 counts only where the device multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16, measured as
 ``dinov2.train.precision`` measures it for ``train.autocast_dtype: auto``); elsewhere its target is reported as n/a
@@ -201,10 +202,7 @@ def model_flops_per_image(model: torch.nn.Module, cfg, device: torch.device) -> 
     so all are measured against one count (iBOT's head on the batch's expected masked tokens included)."""
     from dinov2.train.train import expected_masked_tokens, flops_per_image
 
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masked = expected_masked_tokens(cfg.train.batch_size_per_gpu, grid * grid, cfg.ibot.mask_sample_probability,
-                                    cfg.ibot.mask_ratio_min_max)
-    return flops_per_image(model, cfg.crops, device, masked)
+    return flops_per_image(model, cfg.crops, device, expected_masked_tokens(cfg))
 
 
 def build_arm(label: str, cfg, device: torch.device, rev: str | None, separate: bool) -> Arm:

@@ -118,13 +118,14 @@ def flops_per_image(model: StudentTeacher, crops: CropsConfig, device: torch.dev
     return student + teacher
 
 
-def expected_masked_tokens(batch_size: int, n_tokens: int, mask_probability: float,
-                           mask_ratio_min_max: tuple[float, float] | list[float]) -> float:
-    """Mean masked patch tokens per image that the collate targets for batches of ``batch_size`` images:
+def expected_masked_tokens(cfg: TrainConfig) -> float:
+    """Mean masked patch tokens per image that the collate targets for batches of B = ``train.batch_size_per_gpu``:
     ``int(2B p)`` of the 2B global crops masked at stratified ratios in [r_min, r_max] (mean (r_min + r_max) / 2)
-    of ``n_tokens`` patches each (``dinov2.data.collate``)."""
-    r_min, r_max = mask_ratio_min_max
-    masked_crops = int(2 * batch_size * mask_probability)
+    of the N patches of a global crop (``dinov2.data.collate``)."""
+    batch_size, ibot = cfg.train.batch_size_per_gpu, cfg.ibot
+    n_tokens = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
+    r_min, r_max = ibot.mask_ratio_min_max
+    masked_crops = int(2 * batch_size * ibot.mask_sample_probability)
     return masked_crops * n_tokens * (r_min + r_max) / 2 / batch_size
 
 
@@ -259,10 +260,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool = True, preemption: StopR
     elif plan is not None:
         image_flops = distillation_flops_per_image(model, cfg.crops, device)
     else:
-        grid = cfg.crops.global_crops_size // cfg.student.patch_size
-        masked = expected_masked_tokens(cfg.train.batch_size_per_gpu, grid * grid, cfg.ibot.mask_sample_probability,
-                                        cfg.ibot.mask_ratio_min_max)
-        image_flops = flops_per_image(model, cfg.crops, device, masked)
+        image_flops = flops_per_image(model, cfg.crops, device, expected_masked_tokens(cfg))
     checkpoint_dir = latest_checkpoint(output_dir) if resume else None
     if checkpoint_dir is None and cfg.MODEL.WEIGHTS:
         weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
