@@ -385,6 +385,10 @@ class DistillationConfig:
     checkpoint_path: str = ""
     # ours: iterations of the head-only run that fits DINO/iBOT heads on a frozen teacher backbone without heads
     head_fit_iters: int = 1000
+    # ours, not the paper's recipe (0 keeps it exactly): weight of a feature term in which each student's CLS and
+    # global-crop patch tokens, through a linear projection to the teacher's width, regress the teacher's by cosine
+    # distance (dinov2/loss/feature_distillation_loss.py); for teachers whose heads hold less than their features
+    feature_loss_weight: float = 0.0
     # ours: several students from one teacher forward per batch: [{name: vits14, arch: vit_small, ...}], each entry
     # overriding keys of the student section; empty: one student, the student section itself, named "student"
     students: list[dict[str, Any]] = field(default_factory=list)
@@ -427,6 +431,7 @@ class DistillationConfig:
         if not self.checkpoint_path:
             raise ConfigError("distillation.checkpoint_path: the teacher's weights are required when enabled")
         _check_positive("distillation.head_fit_iters", self.head_fit_iters, allow_zero=True)
+        _check_positive("distillation.feature_loss_weight", self.feature_loss_weight, allow_zero=True)
         for key, value in (("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS), ("student.pretrained_weights",
                            cfg.student.pretrained_weights), ("train.init_from", cfg.train.init_from)):
             if value:

@@ -33,7 +33,7 @@ from torch import nn
 from dinov2.config import ComputePrecisionConfig, ConfigError, ModulePrecisionConfig, StudentPrecisionConfig
 from dinov2.distributed.env import DistEnv
 from dinov2.layers import Block
-from dinov2.models.distillation import split_key
+from dinov2.models.distillation import precision_module, split_key
 from dinov2.models.student_teacher import StudentTeacher
 
 logger = logging.getLogger("dinov2")
@@ -90,7 +90,8 @@ def computes_in_fp16(model: StudentTeacher, precision: StudentPrecisionConfig, d
     """
     if device.type != "cuda" or not is_sharded(model):
         return False
-    return any(getattr(precision, split_key(name)[1]).mixed_precision.param_dtype == "fp16" for name in model.student)
+    return any(getattr(precision, precision_module(split_key(name)[1])).mixed_precision.param_dtype == "fp16"
+               for name in model.student)
 
 
 def _roles(model: nn.Module) -> tuple[str, ...]:
@@ -109,7 +110,7 @@ def shard_student_teacher(model: StudentTeacher, precision: ComputePrecisionConf
     for role in _roles(model):
         role_precision = getattr(precision, "student" if role == "student" else "teacher")
         for name, module in getattr(model, role).items():
-            module_precision: ModulePrecisionConfig = getattr(role_precision, split_key(name)[1])
+            module_precision: ModulePrecisionConfig = getattr(role_precision, precision_module(split_key(name)[1]))
             # Teachers never run backward, so only a resharding forward returns them to local shards for the EMA.
             reshard = True if role != "student" else _RESHARD_AFTER_FORWARD[module_precision.sharding_strategy]
             policy = _precision_policy(module_precision, device)

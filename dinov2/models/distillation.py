@@ -14,6 +14,9 @@ each student is kept and is the final model. Where the paper is silent, this mod
   (the cross-entropy compares distributions over the same prototypes);
 - the teacher runs once per batch and its targets are shared by all students; students never interact, so a run
   with several students trains each exactly as a run with that student alone would (same batches);
+- ``feature_loss_weight`` > 0 (this project's, off by default) adds a feature term: each student's CLS and
+  global-crop patch tokens, through its own linear projection to the teacher's width (part ``feature_head``),
+  regress the frozen teacher's tokens by cosine distance (see ``dinov2/loss/feature_distillation_loss.py``);
 - the spare EMA averages the student's iterates only: it follows the teacher-momentum schedule, but with the
   initial weights' share removed (the bias correction of Adam, Kingma & Ba 2015, section 3, applied to weights).
   In self-distillation the EMA *is* the teacher and must start equal to the student; here it only has to be the
@@ -25,7 +28,7 @@ Interface: the same as :class:`~dinov2.models.student_teacher.StudentTeacher`, s
 ``forward(batch, teacher_temp)`` returns named loss terms (``<student>/<term>``, their sum ``total_loss`` and the
 teacher's ``dino_teacher_entropy``), ``student`` holds every trained part and ``teacher`` the EMA copy of each (the
 role the EMA teacher plays in the loop: momentum update, export, kNN), keyed ``<student>__<part>`` (``backbone``,
-``dino_head``, ``ibot_head``). The large pretrained model is ``frozen_teacher``.
+``dino_head``, ``ibot_head``, ``feature_head``). The large pretrained model is ``frozen_teacher``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from dinov2.config import DinoConfig, IbotConfig, StudentConfig
-from dinov2.loss import DINOLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
+from dinov2.loss import DINOLoss, FeatureDistillationLoss, KoLeoLoss, dino_crop_losses, iBOTPatchLoss
 from dinov2.models.registry import build_backbone
 from dinov2.models.student_teacher import (
     Objective,
@@ -48,6 +51,7 @@ from dinov2.models.student_teacher import (
 )
 
 SEPARATOR = "__"  # between a student's name and its part in the keys of ``student`` / ``teacher``
+FEATURE_HEAD = "feature_head"  # each student's projection to the teacher's width, with distillation's feature term
 
 
 def part_key(name: str, part: str) -> str:
@@ -59,6 +63,12 @@ def split_key(key: str) -> tuple[str, str]:
     """(student name, part) of a part key; ("", key) for the plain keys of self-distillation."""
     name, _, part = key.rpartition(SEPARATOR)
     return name, part
+
+
+def precision_module(part: str) -> str:
+    """The ``compute_precision`` module whose settings a part takes: its own, or the DINO head's for the feature
+    projection (a head-sized linear layer outside the official model)."""
+    return "dino_head" if part == FEATURE_HEAD else part
 
 
 def split_by_student(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -89,6 +99,8 @@ class Distillation(Objective):
         img_size: global crop size; every backbone is built for it.
         n_local_crops: local crops per image (students only; the teacher sees the global crops).
         centering: ``centering`` or ``sinkhorn_knopp``, applied to the frozen teacher's logits.
+        feature_loss_weight: weight of the feature term; 0 (default) builds no projection and leaves the paper's
+            objective exactly.
         seed: base of each student's initialisation stream (see :func:`student_seed`).
 
     Raises:
@@ -97,7 +109,7 @@ class Distillation(Objective):
 
     def __init__(self, teacher: StudentConfig, teacher_dino: DinoConfig, teacher_ibot: IbotConfig,
                  students: dict[str, StudentConfig], dino: DinoConfig, ibot: IbotConfig, *, img_size: int,
-                 n_local_crops: int, centering: str, seed: int = 0) -> None:
+                 n_local_crops: int, centering: str, feature_loss_weight: float = 0.0, seed: int = 0) -> None:
         super().__init__(dino, ibot, n_local_crops=n_local_crops, centering=centering)
         self.student_names = list(students)
         self.student_ibot_head = "ibot_head" if ibot.separate_head else "dino_head"
@@ -130,6 +142,11 @@ class Distillation(Objective):
                 parts[part_key(name, "backbone")] = backbone
                 for head_name, head in build_heads(backbone.embed_dim, dino, ibot).items():
                     parts[part_key(name, head_name)] = head
+                if feature_loss_weight > 0:  # built last: the other parts' initialisation does not change
+                    projection = nn.Linear(backbone.embed_dim, teacher_backbone.embed_dim)
+                    nn.init.trunc_normal_(projection.weight, std=0.02)  # as the heads' linear layers
+                    nn.init.zeros_(projection.bias)
+                    parts[part_key(name, FEATURE_HEAD)] = projection
         self.student = nn.ModuleDict(parts)
         self.teacher = nn.ModuleDict({key: copy.deepcopy(module) for key, module in parts.items()})  # the EMAs
         for param in [*self.frozen_teacher.parameters(), *self.teacher.parameters()]:
@@ -143,6 +160,8 @@ class Distillation(Objective):
         self.dino_loss = DINOLoss(dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes(dino, ibot))
         self.koleo_loss = KoLeoLoss()
+        self.feature_loss_weight = feature_loss_weight
+        self.feature_loss = FeatureDistillationLoss()
 
     def train(self, mode: bool = True) -> Distillation:
         super().train(mode)
@@ -151,9 +170,10 @@ class Distillation(Objective):
         return self
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The frozen teacher's targets, once per batch: DINO (2B, K) of the global crops in the natural crop order,
-        iBOT (2B·N, K) of every patch token of the global crops (image-major, then token)."""
+    def teacher_outputs(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor | None]:
+        """The frozen teacher's outputs, once per batch: ``dino_targets`` (2B, K) of the global crops in the natural
+        crop order, ``ibot_targets`` (2B·N, K) of every patch token of the global crops (image-major, then token),
+        and with the feature term its tokens ``cls`` (2B, D_t) and ``patches`` (2B, N, D_t); None where unused."""
         out = self.frozen_teacher["backbone"](batch["collated_global_crops"], is_training=True)
         dino_logits = ibot_logits = None
         if self.do_dino:
@@ -161,11 +181,17 @@ class Distillation(Objective):
         if self.do_ibot:
             patches = out["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
             ibot_logits = self.frozen_teacher[self.teacher_ibot_head](patches).float()  # (2B*N, K)
-        return self.targets_from_rows(dino_logits, ibot_logits, teacher_temp)
+        dino_targets, ibot_targets = self.targets_from_rows(dino_logits, ibot_logits, teacher_temp)
+        features = self.feature_loss_weight > 0
+        return {"dino_targets": dino_targets, "ibot_targets": ibot_targets,
+                "cls": out["x_norm_clstoken"] if features else None,
+                "patches": out["x_norm_patchtokens"] if features else None}
 
-    def student_losses(self, name: str, batch: dict, dino_targets: torch.Tensor | None,
-                       ibot_targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """One student's loss terms against the shared targets; ``total_loss`` is its weighted sum."""
+    def student_losses(self, name: str, batch: dict,
+                       teacher: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """One student's loss terms against the shared teacher outputs (see :meth:`teacher_outputs`); ``total_loss``
+        is their weighted sum."""
+        dino_targets, ibot_targets = teacher["dino_targets"], teacher["ibot_targets"]
         global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
         has_locals = self.n_local_crops > 0 and local_crops.shape[0] > 0
         crops = [global_crops, local_crops] if has_locals else [global_crops]
@@ -192,6 +218,13 @@ class Distillation(Objective):
             every_token = torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=logits.device)  # (2B, N)
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(logits, ibot_targets, every_token)
             total = total + self.ibot_loss_weight * losses["ibot_loss"]
+        if self.feature_loss_weight > 0:
+            projection = self.student[part_key(name, FEATURE_HEAD)]
+            patch_tokens = global_out["x_norm_patchtokens"]  # (2B, N, D_s)
+            losses["feature_cls_loss"] = self.feature_loss(projection(global_cls), teacher["cls"])
+            losses["feature_patch_loss"] = self.feature_loss(projection(patch_tokens.flatten(0, 1)),
+                                                             teacher["patches"].flatten(0, 1))
+            total = total + self.feature_loss_weight * (losses["feature_cls_loss"] + losses["feature_patch_loss"])
         losses["total_loss"] = total
         return losses
 
@@ -204,15 +237,15 @@ class Distillation(Objective):
             batch: the collated batch of the SSL trainer; its iBOT masks are not used (students see whole crops).
             teacher_temp: the teacher temperature of this iteration.
         """
-        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
+        teacher = self.teacher_outputs(batch, teacher_temp)
         losses: dict[str, torch.Tensor] = {}
         total = None
         for name in self.student_names:
-            terms = self.student_losses(name, batch, dino_targets, ibot_targets)
+            terms = self.student_losses(name, batch, teacher)
             losses.update({f"{name}/{term}": value for term, value in terms.items()})
             total = terms["total_loss"] if total is None else total + terms["total_loss"]
         if self.do_dino:
-            losses["dino_teacher_entropy"] = target_entropy(dino_targets)
+            losses["dino_teacher_entropy"] = target_entropy(teacher["dino_targets"])
         losses["total_loss"] = total
         return losses
 
@@ -242,4 +275,5 @@ class Distillation(Objective):
         torch._foreach_add_(ema, live, alpha=1 - momentum)
 
 
-__all__ = ["Distillation", "SEPARATOR", "part_key", "split_by_student", "split_key", "student_seed"]
+__all__ = ["Distillation", "FEATURE_HEAD", "SEPARATOR", "part_key", "precision_module", "split_by_student", "split_key",
+           "student_seed"]

@@ -42,7 +42,7 @@ from dinov2.config import (
     load_config,
     save_config,
 )
-from dinov2.models.distillation import Distillation, part_key, split_by_student
+from dinov2.models.distillation import FEATURE_HEAD, Distillation, part_key, split_by_student
 from dinov2.models.student_teacher import ibot_prototypes
 from dinov2.train.checkpoint import list_valid_checkpoints
 from dinov2.train.highres import load_backbone_resampled, read_model_state, resolve_init_source
@@ -97,7 +97,8 @@ def _student_key(cfg: TrainConfig, index: int) -> str:
 
 
 def check_pairing(cfg: TrainConfig, teacher: TrainConfig, students: dict[str, StudentConfig]) -> None:
-    """Teacher and students must share the crop grid (iBOT compares tokens one to one) and the prototype counts.
+    """Teacher and students must share the crop grid (iBOT and the feature term compare tokens one to one) and the
+    prototype counts.
 
     Raises:
         ConfigError: one line naming the key to change.
@@ -107,13 +108,16 @@ def check_pairing(cfg: TrainConfig, teacher: TrainConfig, students: dict[str, St
     if size % patch:
         raise ConfigError(f"crops.global_crops_size: {size} is not a multiple of the teacher's patch_size {patch}")
     do_ibot, do_dino = cfg.ibot.loss_weight > 0, cfg.dino.loss_weight > 0
+    do_features = cfg.distillation.feature_loss_weight > 0
     for index, (name, student) in enumerate(students.items()):
-        if do_ibot and size // student.patch_size != size // patch:
+        if (do_ibot or do_features) and size // student.patch_size != size // patch:
             grid, teacher_grid = size // student.patch_size, size // patch
+            needs = "iBOT" if do_ibot else "the feature term"
+            off = "ibot.loss_weight=0" if do_ibot else "distillation.feature_loss_weight=0"
             raise ConfigError(
                 f"{_student_key(cfg, index)}.patch_size: {student.patch_size} gives student {name} a "
                 f"{grid}x{grid} patch grid at crops.global_crops_size={size}, the teacher's patch_size {patch} a "
-                f"{teacher_grid}x{teacher_grid} one; iBOT needs equal grids (or set ibot.loss_weight=0)")
+                f"{teacher_grid}x{teacher_grid} one; {needs} needs equal grids (or set {off})")
     if do_dino and teacher.dino.head_n_prototypes != cfg.dino.head_n_prototypes:
         raise ConfigError(f"dino.head_n_prototypes: {cfg.dino.head_n_prototypes} differs from the teacher's "
                           f"{teacher.dino.head_n_prototypes} (students predict the teacher's prototypes)")
@@ -217,7 +221,7 @@ def build_distillation(cfg: TrainConfig, plan: DistillationPlan) -> Distillation
     model = Distillation(
         plan.teacher.student, plan.teacher.dino, plan.teacher.ibot, plan.students, cfg.dino, cfg.ibot,
         img_size=cfg.crops.global_crops_size, n_local_crops=cfg.crops.local_crops_number,
-        centering=cfg.train.centering, seed=cfg.train.seed,
+        centering=cfg.train.centering, feature_loss_weight=cfg.distillation.feature_loss_weight, seed=cfg.train.seed,
     )
     load_frozen_teacher(model, plan.weights)
     return model
@@ -226,10 +230,13 @@ def build_distillation(cfg: TrainConfig, plan: DistillationPlan) -> Distillation
 def ema_exports(model: torch.nn.Module, teacher_state: dict[str, torch.Tensor],
                 output_dir: Path) -> dict[Path, dict[str, torch.Tensor]]:
     """Where each exported model goes: the run's own teacher to ``output_dir``, or each student's EMA to
-    ``output_dir/students/<name>`` (``teacher_state``: the gathered ``model.teacher`` state dict)."""
+    ``output_dir/students/<name>`` (``teacher_state``: the gathered ``model.teacher`` state dict) without the
+    feature term's projection, which only training uses (the training checkpoints keep it), so the exports keep
+    the official layout."""
     if not isinstance(model, Distillation):
         return {output_dir: teacher_state}
-    return {output_dir / "students" / name: state for name, state in split_by_student(teacher_state).items()}
+    return {output_dir / "students" / name: {k: v for k, v in state.items() if not k.startswith(f"{FEATURE_HEAD}.")}
+            for name, state in split_by_student(teacher_state).items()}
 
 
 def ema_momentum(model: torch.nn.Module, momentum: float) -> float:
@@ -249,7 +256,8 @@ def flops_per_image(model: Distillation, crops: CropsConfig, device: torch.devic
     """Training matmul FLOPs per image: the teacher's forward on the global crops plus, per student, forward and
     backward (``count_backbone_flops``; 3x forward for the heads) on every crop. Heads included: the DINO head on
     every CLS token and, with iBOT, the iBOT head on every patch token of the two global crops (nothing is masked
-    here; at ViT-S/14, 224 px and 65536 prototypes those heads cost about as much as the backbone)."""
+    here; at ViT-S/14, 224 px and 65536 prototypes those heads cost about as much as the backbone) and the feature
+    term's projection on every global-crop token."""
     g, lsize, n_local = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
 
     def head_flops(parts: torch.nn.ModuleDict, key: str, width: int) -> float:
@@ -264,9 +272,10 @@ def flops_per_image(model: Distillation, crops: CropsConfig, device: torch.devic
         width, grid = backbone.embed_dim, g // backbone.patch_size
         heads = head_flops(parts, key("dino_head"), width)
         patches = grid * grid * head_flops(parts, key(ibot_head), width) if model.do_ibot else 0.0
+        features = (1 + grid * grid) * head_flops(parts, key(FEATURE_HEAD), width)  # students with the term only
         global_forward, global_trained = count_backbone_flops(backbone, g, device)
         _, local_trained = count_backbone_flops(backbone, lsize, device)
-        return (global_forward + heads + patches, global_trained + 3 * (heads + patches),
+        return (global_forward + heads + patches, global_trained + 3 * (heads + patches + features),
                 local_trained + 3 * heads)
 
     with torch.no_grad():

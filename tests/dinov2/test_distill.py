@@ -238,6 +238,10 @@ def test_incompatible_pairings_are_one_line_errors(image_folder, teacher_run, tm
     assert "distillation.students[0].patch_size" in error("distillation.students=[{name: s, patch_size: 16}]",
                                                           "crops.local_crops_size=16")
     assert "student.patch_size" in error("student.patch_size=4")
+    feature = error("student.patch_size=4", "ibot.loss_weight=0", "distillation.feature_loss_weight=1")
+    assert "student.patch_size" in feature and "feature term" in feature
+    with pytest.raises(ConfigError, match="distillation.feature_loss_weight"):
+        load_config(None, distill(image_folder, tmp_path, 1, teacher_run, "distillation.feature_loss_weight=-1"))
     assert "dino.head_n_prototypes" in error("dino.head_n_prototypes=32", "ibot.separate_head=true")
     assert "full_cfg_path" in error(f"distillation.checkpoint_path={tmp_path / 'released.pth'}")
     with pytest.raises(ConfigError, match=r"distillation.students\[0\].arch: 'vit_tiny'"):
@@ -368,14 +372,76 @@ def test_vitg14_distillation_config_pairs(tmp_path):
     check_pairing(cfg, teacher, students)  # raises on any mismatch
 
 
-def test_flops_per_image_matches_the_counted_step(image_folder, teacher_run, tmp_path):
+@pytest.mark.parametrize("feature_weight", [0.0, 1.0])
+def test_flops_per_image_matches_the_counted_step(image_folder, teacher_run, tmp_path, feature_weight):
     """The FLOP counter of the training log against the matmul FLOPs PyTorch counts in one distillation step: the
-    frozen teacher's forward, both students' forward and backward, the iBOT heads on every global patch token."""
+    frozen teacher's forward, both students' forward and backward, the iBOT heads on every global patch token (and
+    the feature term's projections)."""
     students = "distillation.students=[{name: a, embed_dim: 32}, {name: b, embed_dim: 16, num_heads: 1}]"
-    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run, students))
+    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run, students,
+                                    f"distillation.feature_loss_weight={feature_weight}"))
     model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False)).train()
     batch = next(iter(build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math SDPA: counted products
         model(batch, teacher_temp=0.04)["total_loss"].backward()
     counted = counter.get_total_flops() / cfg.train.batch_size_per_gpu
     assert flops_per_image(model, cfg.crops, torch.device("cpu")) == pytest.approx(counted, rel=0.01)
+
+
+def test_feature_distillation_loss_is_the_mean_cosine_distance():
+    from dinov2.loss import FeatureDistillationLoss
+
+    loss = FeatureDistillationLoss()
+    x = torch.randn(5, 8)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(3 * x, x).item() == pytest.approx(0.0, abs=1e-6)  # blind to the norms
+    assert loss(-x, x).item() == pytest.approx(2.0, abs=1e-6)
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    assert loss(a, b).item() == pytest.approx((1.0 + (1.0 - 2**-0.5)) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        loss(x, x[:, :4])
+
+
+def test_feature_term_trains_a_projection_that_matches_the_teacher_tokens(image_folder, teacher_run, tmp_path):
+    """distillation.feature_loss_weight: each student gets a projection to the teacher's width, the loss terms are
+    logged, gradients reach it and the student (never the teacher), and minimising the term alone moves the
+    student's projected tokens towards the teacher's; checkpoints keep the projection, exports leave it out."""
+    cfg = load_config(None, distill(image_folder, tmp_path / "one", 1, teacher_run,
+                                    "distillation.feature_loss_weight=1.0"))
+    model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=True)).train()
+    assert tuple(model.student["student__feature_head"].weight.shape) == (48, 32)  # student 32-d -> teacher 48-d
+    off = load_config(None, distill(image_folder, tmp_path / "off", 1, teacher_run))
+    plain = build_distillation(off, plan_distillation(off, resume=True, is_main=True))
+    assert not any("feature_head" in key for key in plain.state_dict())  # off: the paper's model exactly
+    assert all(torch.equal(plain.student[k].state_dict()[p], v) for k in plain.student  # same initialisation
+               for p, v in model.student[k].state_dict().items())
+
+    batch = next(iter(build_train_loader(cfg.train, cfg.crops, cfg.ibot, cfg.student.patch_size, rank=0, world_size=1)))
+    losses = model(batch, teacher_temp=0.04)
+    assert 0 < losses["student/feature_cls_loss"].item() < 2 and 0 < losses["student/feature_patch_loss"].item() < 2
+    losses["total_loss"].backward()
+    trained = [(n, p) for n, p in model.student.named_parameters() if p.requires_grad]
+    assert [n for n, p in trained if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert all(p.grad is None for p in [*model.frozen_teacher.parameters(), *model.teacher.parameters()])
+
+    model.zero_grad()
+    optimizer = torch.optim.AdamW([p for _, p in trained], lr=3e-3)
+    terms = []
+    for _ in range(30):
+        out = model(batch, teacher_temp=0.04)
+        term = out["student/feature_cls_loss"] + out["student/feature_patch_loss"]
+        terms.append(term.item())
+        optimizer.zero_grad()
+        term.backward()
+        optimizer.step()
+    assert terms[-1] < 0.5 * terms[0]
+
+    train(load_config(None, distill(image_folder, tmp_path / "run", 3, teacher_run,
+                                    "distillation.feature_loss_weight=1.0")), DistEnv())
+    rows = metrics(tmp_path / "run")
+    assert all(np.isfinite(r["student/feature_patch_loss"]) for r in rows)
+    state = checkpoint(tmp_path / "run", 2)
+    assert {"student.student__feature_head.weight", "teacher.student__feature_head.weight"} <= state.keys()
+    folder = tmp_path / "run" / "students" / "student" / "eval" / "training_2"
+    exported = torch.load(folder / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert "dino_head.mlp.0.weight" in exported and not any(k.startswith("feature_head") for k in exported)
