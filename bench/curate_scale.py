@@ -16,8 +16,8 @@ clean file pages the kernel can drop):
   exact re-rank; recall of planted copies (edge cos > 0.6 found), and the recall vs exact search on a seeded query
   sample that copy_dedup prints. `--query-sample Q` times Q random queries and extrapolates the all-query time
   linearly (marked `*` in the table); 0 runs the stage's own resumable `copy_dedup.self_pairs` over every row.
-- decontaminate: the eval set against the pool (k = 64) through the copy_knn index (loaded, not rebuilt: production
-  rebuilds it, add copy_knn's build time), planted recall and sampled recall vs exact.
+- decontaminate: the eval set against the pool (k = 64) through the copy_knn index (loaded, as the stage loads
+  copy_dedup's file), `--decontaminate-nprobe` lists per eval image; planted recall and sampled recall vs exact.
 - kmeans: `spherical_kmeans` trained on a sample (max points per centroid) + whole-pool `assign`.
 - hkmeans: `hierarchical_kmeans` (levels, resampling steps, sampled training, every step re-assigns the pool).
 - retrieve: seed set `sample` mode (block-wise exact search, k = 4), `cluster` mode assignment to the k-means
@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def stage_decontaminate(d: Path, cfg: dict) -> dict:
     pool = np.load(d / "pool.npy", mmap_mode="r")
     evals = np.load(d / "evals.npy", mmap_mode="r")
     p = np.load(d / "planted.npz")
-    params = _params(cfg, len(pool))
+    params = replace(_params(cfg, len(pool)), nprobe=cfg["decontaminate_nprobe"])  # as the stage searches
     t0 = time.perf_counter()
     searcher = searcher_from_bytes(pool, params, (d / "index.faiss").read_bytes())
     load = time.perf_counter() - t0
@@ -212,7 +213,8 @@ def stage_decontaminate(d: Path, cfg: dict) -> dict:
     search = time.perf_counter() - t0 - load
     planted = p["eval_src"]
     hit = (idx[: len(planted)] == planted[:, None]) & (sims[: len(planted)] > DECON_THRESHOLD)
-    out = {"index_load_s": round(load, 1), "search_s": round(search, 1), "queries": int(len(evals)),
+    out = {"nprobe": params.nprobe, "index_load_s": round(load, 1), "search_s": round(search, 1),
+           "queries": int(len(evals)),
            "matches": int((sims > DECON_THRESHOLD).sum()), "planted_recall": float(hit.any(axis=1).mean())}
     edges, at_k = 1.0, 1.0
     if searcher.kind != "flat":
@@ -383,6 +385,8 @@ def main() -> None:
     p.add_argument("--nlist-factor", type=float, default=1.0,
                    help="IVF lists = factor * sqrt(n); 0 = production auto (~4 sqrt(n), 16x the coarse training work)")
     p.add_argument("--query-sample", type=int, default=5000, help="timed kNN-graph queries (0 = every pool row)")
+    p.add_argument("--decontaminate-nprobe", type=int, default=256,
+                   help="IVF lists per eval image (decontaminate.nprobe; the kNN graph probes 32)")
     p.add_argument("--recall-sample", type=int, default=100, help="queries compared with exact search")
     p.add_argument("--clusters", type=int, default=256, help="flat k-means clusters")
     p.add_argument("--levels", type=int, nargs="+", default=[256, 16], help="hierarchical k-means levels")
@@ -413,7 +417,8 @@ def main() -> None:
             args.json.write_text(json.dumps(merged, indent=1) + "\n")
         return
     cfg = {"threads": args.threads, "memory_budget_gb": args.memory_budget_gb, "nlist_factor": args.nlist_factor,
-           "query_sample": args.query_sample, "recall_sample": args.recall_sample, "clusters": args.clusters,
+           "query_sample": args.query_sample, "decontaminate_nprobe": args.decontaminate_nprobe,
+           "recall_sample": args.recall_sample, "clusters": args.clusters,
            "levels": args.levels, "resample_steps": args.resample_steps, "iterations": args.iterations,
            "mppc": args.mppc}
     results: dict[int, dict] = {}

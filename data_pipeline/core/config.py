@@ -221,6 +221,8 @@ class DecontaminateConfig:
     eval_sets: list[str] = field(default_factory=list)
     threshold: float = 0.45
     k: int = 64
+    # IVF lists visited per eval image (copy_dedup's index, its own nprobe for its self-search)
+    nprobe: int = 256
     audit_margin: float = 0.05
     audit_pairs: int = 200
 
@@ -228,7 +230,7 @@ class DecontaminateConfig:
         _check_margin("decontaminate", self.audit_margin)
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"decontaminate.threshold must be a cosine in [-1, 1], got {self.threshold}")
-        _at_least("decontaminate", 1, k=self.k)
+        _at_least("decontaminate", 1, k=self.k, nprobe=self.nprobe)
         _at_least("decontaminate", 0, audit_pairs=self.audit_pairs)
         for k, entry in enumerate(self.eval_sets):
             parse_eval_set(entry, f"decontaminate.eval_sets[{k}]")

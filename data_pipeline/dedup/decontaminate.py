@@ -1,10 +1,12 @@
 """Evaluation-set decontamination (DINOv2 A.3 relative deduplication): drop every copy component an eval image hits.
 
 Each eval image's copy embedding queries the WHOLE embedded pool, including rows copy_dedup removed, for its
-`decontaminate.k` nearest neighbours (`knn.Searcher` with the copy_dedup index settings). A neighbour with cosine
-> `decontaminate.threshold` (0.45) touches its copy component (`copy_component`, the component's kept member), and
-every member of a touched component is removed, the kept representative included. Rows removed earlier keep their
-dup_kind but are labelled too (`contaminated_by`), as are exact / near duplicates grouped under a touched member.
+`decontaminate.k` nearest neighbours (`knn.Searcher` with the copy_dedup index settings, but `decontaminate.nprobe`
+IVF lists per query: eval images are few, so probing 8x copy_dedup's lists costs little, and a neighbour missed
+here is a test image left in the training data). A neighbour with cosine > `decontaminate.threshold` (0.45)
+touches its copy component (`copy_component`, the component's kept member), and every member of a touched component
+is removed, the kept representative included. Rows removed earlier keep their dup_kind but are labelled too
+(`contaminated_by`), as are exact / near duplicates grouped under a touched member.
 
 Outputs: `manifest.parquet` (+ contaminated_by), `matches.parquet` (every pair above the threshold) and `audit.parquet`
 (a seeded sample of borderline pairs within `decontaminate.audit_margin` of the threshold, for the report).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +121,13 @@ def audit_table(band: pa.Table, manifest: pa.Table, threshold: float, n_pairs: i
 
 def pool_index(ctx: StageContext, pool: np.ndarray, work: Path) -> SharedIndex:
     """The pool's index: copy_dedup's trained file when its fingerprint matches this pool and these settings, else
-    built here (an IVF index then written to `work/index.faiss`, for resume and the SLURM slices)."""
+    built here (an IVF index then written to `work/index.faiss`, for resume and the SLURM slices); searched with
+    `decontaminate.nprobe` lists per eval image (the probes do not change the trained index, so the file is
+    shared)."""
     params = knn_params(ctx.cfg.copy_dedup, seed=ctx.cfg.seed)
     reused = shared_index_file(ctx, pool, params)
-    return SharedIndex.build(pool, params, reused if reused.is_file() else work / "index.faiss")
+    search = replace(params, nprobe=ctx.cfg.decontaminate.nprobe)
+    return SharedIndex.build(pool, search, reused if reused.is_file() else work / "index.faiss")
 
 
 def finish_decontaminate(ctx: StageContext, table: pa.Table) -> dict:

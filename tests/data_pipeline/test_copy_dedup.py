@@ -23,6 +23,7 @@ from data_pipeline.core.knn import (
     knn_search,
     knn_self,
     measure_recalls,
+    searcher_from_bytes,
 )
 from data_pipeline.core.stage import StageContext, run_stage
 from data_pipeline.dedup.copy_dedup import STAGE as COPY_STAGE
@@ -308,14 +309,15 @@ def test_decontaminate_measures_recall_of_the_approximate_index(tmp_path, capsys
     _write_upstream(tmp_path, sc, {"evalS": evals})
     # A deliberately coarse index (IVF-PQ, 1 of 8 lists probed, no extra candidates) so that recall is below 1.
     over = ["copy_dedup.index=ivfpq", "copy_dedup.nlist=8", "copy_dedup.nprobe=1", "copy_dedup.pq_m=8",
-            "copy_dedup.rerank=1", "copy_dedup.recall_sample=30", "decontaminate.k=4",
+            "copy_dedup.rerank=1", "copy_dedup.recall_sample=30", "decontaminate.k=4", "decontaminate.nprobe=1",
             "decontaminate.eval_sets=[evalS]"]
     _, res = _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=over)
     got = res.counts["sets"]["evalS"]
     assert got["index"] == "ivfpq" and got["recall_method"] == "sampled:30"
     # Independent measurement: exact neighbours by float64 brute force, approximate ones from the same seeded index.
     cfg = load_config(None, ["copy_dedup.threads=2", *over])
-    searcher = Searcher(np.load(tmp_path / "embed_copy/pool.npy", mmap_mode="r"), knn_params(cfg.copy_dedup, seed=0))
+    params = knn_params(cfg.copy_dedup, seed=0, nprobe=cfg.decontaminate.nprobe)
+    searcher = Searcher(np.load(tmp_path / "embed_copy/pool.npy", mmap_mode="r"), params)
     ev = evals.astype(np.float16)
     approx = searcher.search(ev, 4)[1]
     exact_s, exact = _brute(pool.astype(np.float16), ev, 4)
@@ -467,6 +469,31 @@ def test_decontaminate_loads_copy_dedup_index_and_writes_the_same_bytes_as_retra
     assert kept.is_file() and not kept_file(tmp_path / "reuse").is_file()
     (res,) = _run(tmp_path / "reuse", DECON_STAGE, overrides=ov)
     assert not res.skipped and len(trained) == 4
+
+
+def test_decontaminate_probes_its_own_lists_of_copy_dedups_index(tmp_path, monkeypatch):
+    """decontaminate.nprobe sets the probes of the eval search only: the index is copy_dedup's (trained once, the
+    same file), copy_dedup's self-search keeps copy_dedup.nprobe."""
+    from data_pipeline.dedup.decontaminate import pool_index
+
+    sc = _scenario()
+    evals = {"evalA": np.stack([_eval_near(sc["rows"][sc["pos"]["B1"]]["vec"], 0.6, sc["rng"])])}
+    ov = ["decontaminate.eval_sets=[evalA]", "copy_dedup.index=ivf", "copy_dedup.nlist=4", "copy_dedup.nprobe=1",
+          "decontaminate.nprobe=3"]
+    trained = _count_ivf_training(monkeypatch)
+    _write_upstream(tmp_path, sc, evals)
+    _run(tmp_path, COPY_STAGE, DECON_STAGE, overrides=ov)
+    assert len(trained) == 1
+    cfg = load_config(None, ["copy_dedup.threads=2", *ov])
+    ctx = StageContext(cfg, tmp_path)
+    pool = np.load(tmp_path / "embed_copy/pool.npy", mmap_mode="r")
+    shared = pool_index(ctx, pool, tmp_path / "unused")
+    assert shared.index_file == str(shared_index_file(ctx, pool, knn_params(cfg.copy_dedup, seed=0)))
+    assert shared.searcher().index.nprobe == 3 and len(trained) == 1
+    copy_searcher = searcher_from_bytes(pool, knn_params(cfg.copy_dedup, seed=0), Path(shared.index_file).read_bytes())
+    assert copy_searcher.index.nprobe == 1
+    with pytest.raises(ValueError, match="decontaminate.nprobe"):
+        load_config(None, ["decontaminate.nprobe=0"])
 
 
 def test_pool_not_matching_manifest_is_rejected(tmp_path):
