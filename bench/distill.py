@@ -18,8 +18,9 @@ Student: a 64-d x 4-block ViT with the same patch grid (about a sixth of the tea
    in W (its seconds per iteration measured on a short calibration run first), with the same recipe otherwise.
 
 Each model's EMA backbone is scored by the official kNN (T = 0.07, k = 10 and 20), and for reference the distilled
-student's live weights (not its EMA) and its random initialisation. Results are printed, never asserted. Everything
-runs fp32 on the CPU.
+student's live weights (not its EMA), its random initialisation, and the teacher's DINO targets themselves (a kNN
+on the teacher head's softmax at the final teacher temperature: what matching the targets can transfer). Results
+are printed, never asserted. Everything runs fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.learning import IMAGE_PX, WRITERS, mcnemar_p, training_overrides  # noqa: E402
 from dinov2.config import load_config, save_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
-from dinov2.eval.knn import evaluate_knn  # noqa: E402
+from dinov2.eval.datasets import eval_transform, open_labelled  # noqa: E402
+from dinov2.eval.knn import evaluate_knn, knn_predict  # noqa: E402
 from dinov2.train.distill import build_distillation, plan_distillation  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
 from dinov2.train.regime import resolve_regime  # noqa: E402
@@ -78,15 +82,34 @@ def knn(weights: Path, root: Path, num_heads: int) -> dict[str, np.ndarray]:
 
 
 def distilled_student_knn(overrides: list[str], out: Path, root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """kNN of the distilled student's random initialisation and of its live (trained, not averaged) weights."""
+    """kNN of the distilled student's random initialisation and of its live (trained, not averaged) weights, and of
+    the frozen teacher's DINO targets (see :func:`target_knn`)."""
     cfg, _ = resolve_regime(load_config(None, overrides), 1)  # the run's model: its regime's queue buffers too
     model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False))
     backbone = model.student["student__backbone"]
-    scores = {"init": knn_of(backbone, root)}
+    scores = {"init": knn_of(backbone, root), "targets": target_knn(model, cfg.teacher.teacher_temp, root)}
     newest = max((out / "checkpoints").glob("iter_*"), key=lambda p: int(p.name.split("_")[1]))
     model.load_state_dict(torch.load(newest / "state.pth", weights_only=True)["model"])
     scores["live"] = knn_of(backbone, root)
     return scores
+
+
+@torch.no_grad()
+def target_knn(model: torch.nn.Module, teacher_temp: float, root: Path) -> dict[str, np.ndarray]:
+    """kNN on what a distilled student is taught: the frozen teacher's DINO-head distribution softmax(logits / τ_t)
+    of each (centre-cropped) image at the run's final teacher temperature, compared by the Hellinger affinity
+    (kNN cosine on sqrt p). Where it scores below the teacher's CLS token, the targets hold less than the features.
+    Centering / Sinkhorn-Knopp are left out: they depend on the batch, and only flatten these targets further."""
+    teacher = model.frozen_teacher.eval()
+    targets = {}
+    for split in ("knn_train", "knn_val"):
+        data = open_labelled(root / split)
+        images = torch.stack([eval_transform(Image.open(path).convert("RGB"), IMAGE_PX) for path in data.paths])
+        logits = teacher["dino_head"](teacher["backbone"](images, is_training=True)["x_norm_clstoken"]).float()
+        targets[split] = (data, F.normalize((logits / teacher_temp).softmax(dim=-1).sqrt(), dim=-1))
+    (train_data, train_feats), (val_data, val_feats) = targets["knn_train"], targets["knn_val"]
+    predictions = knn_predict(train_feats, train_data.labels, val_feats, (10, 20))
+    return {str(k): (p == val_data.labels).numpy() for k, p in predictions.items()}
 
 
 def knn_of(backbone: torch.nn.Module, root: Path) -> dict[str, np.ndarray]:
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "student distilled": knn(newest_export(distill_dir / "students" / "student"), root, 2),
             "student SSL from scratch": knn(newest_export(ssl_dir), root, 2),
             "(distilled, live weights)": reference["live"],
+            "(teacher's DINO targets)": reference["targets"],
             "(student at random init)": reference["init"],
         }
         total_s = time.perf_counter() - start
