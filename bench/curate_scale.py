@@ -393,7 +393,8 @@ def main() -> None:
     p.add_argument("--resample-steps", type=int, default=1)
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--mppc", type=int, default=64, help="k-means training sample: max points per centroid")
-    p.add_argument("--keep-data", action="store_true", help="keep the generated vectors (default: delete after)")
+    p.add_argument("--keep-data", action="store_true", help="keep the generated vectors and the copy_knn index "
+                   "(default: delete after); a later --stages decontaminate run searches that index")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--table", type=Path, nargs="+", default=None,
                    help="only print the table (and write --json) from these result files, merged")
@@ -430,7 +431,8 @@ def main() -> None:
         results[n] = {}
         needs = {"decontaminate": "copy_knn", "retrieve": "hkmeans"}
         for stage in STAGES:
-            if stage not in args.stages or (stage in needs and needs[stage] not in results[n]):
+            kept_index = stage == "decontaminate" and (d / "index.faiss").is_file()  # a --keep-data run's
+            if stage not in args.stages or (stage in needs and needs[stage] not in results[n] and not kept_index):
                 continue
             if stage == "retrieve" and "kmeans" not in results[n]:
                 continue

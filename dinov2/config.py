@@ -389,6 +389,10 @@ class DistillationConfig:
     # global-crop patch tokens, through a linear projection to the teacher's width, regress the teacher's by cosine
     # distance (dinov2/loss/feature_distillation_loss.py); for teachers whose heads hold less than their features
     feature_loss_weight: float = 0.0
+    # ours: the spare EMA (the final model) averages the student over about this fraction of the run, at the constant
+    # momentum 1 - 1 / max(1, ema_horizon * train.max_iter); 0 follows the teacher-momentum schedule instead, whose
+    # cosine rise to 1 freezes the EMA about halfway through a short run (see dinov2/models/distillation.py)
+    ema_horizon: float = 0.1
     # ours: several students from one teacher forward per batch: [{name: vits14, arch: vit_small, ...}], each entry
     # overriding keys of the student section; empty: one student, the student section itself, named "student"
     students: list[dict[str, Any]] = field(default_factory=list)
@@ -432,6 +436,9 @@ class DistillationConfig:
             raise ConfigError("distillation.checkpoint_path: the teacher's weights are required when enabled")
         _check_positive("distillation.head_fit_iters", self.head_fit_iters, allow_zero=True)
         _check_positive("distillation.feature_loss_weight", self.feature_loss_weight, allow_zero=True)
+        if not 0.0 <= self.ema_horizon <= 1.0:
+            raise ConfigError(f"distillation.ema_horizon: must be a fraction of the run in [0, 1], got "
+                              f"{self.ema_horizon}")
         for key, value in (("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS), ("student.pretrained_weights",
                            cfg.student.pretrained_weights), ("train.init_from", cfg.train.init_from)):
             if value:

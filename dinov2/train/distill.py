@@ -216,14 +216,26 @@ def load_frozen_teacher(model: Distillation, weights: Path) -> None:
     logger.info("frozen teacher loaded from %s", source)
 
 
+def spare_ema_momentum(cfg: TrainConfig) -> float | None:
+    """The students' spare EMA momentum, 1 - 1 / max(1, ema_horizon * max_iter), or None (``ema_horizon`` 0: the
+    teacher-momentum schedule)."""
+    horizon = cfg.distillation.ema_horizon
+    return None if horizon <= 0 else 1.0 - 1.0 / max(1.0, horizon * cfg.train.max_iter)
+
+
 def build_distillation(cfg: TrainConfig, plan: DistillationPlan) -> Distillation:
     """The distillation model with its frozen teacher loaded (on CPU, before any wrapping)."""
     model = Distillation(
         plan.teacher.student, plan.teacher.dino, plan.teacher.ibot, plan.students, cfg.dino, cfg.ibot,
         img_size=cfg.crops.global_crops_size, n_local_crops=cfg.crops.local_crops_number,
-        centering=cfg.train.centering, feature_loss_weight=cfg.distillation.feature_loss_weight, seed=cfg.train.seed,
+        centering=cfg.train.centering, feature_loss_weight=cfg.distillation.feature_loss_weight,
+        spare_ema_momentum=spare_ema_momentum(cfg), seed=cfg.train.seed,
     )
     load_frozen_teacher(model, plan.weights)
+    momentum = model.spare_ema_momentum
+    logger.info("students' spare EMA: %s", "the teacher-momentum schedule" if momentum is None else
+                f"constant momentum {momentum:.6g} (distillation.ema_horizon {cfg.distillation.ema_horizon} of "
+                f"{cfg.train.max_iter} iterations)")
     return model
 
 
@@ -289,4 +301,5 @@ def flops_per_image(model: Distillation, crops: CropsConfig, device: torch.devic
 
 
 __all__ = ["DistillationPlan", "build_distillation", "check_pairing", "ema_backbones", "ema_exports", "ema_momentum",
-           "flops_per_image", "head_fit_config", "load_frozen_teacher", "plan_distillation", "teacher_config_path"]
+           "flops_per_image", "head_fit_config", "load_frozen_teacher", "plan_distillation", "spare_ema_momentum",
+           "teacher_config_path"]

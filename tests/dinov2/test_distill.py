@@ -40,8 +40,10 @@ def common(data: Path, out: Path, max_iter: int) -> list[str]:
 
 
 def distill(data: Path, out: Path, max_iter: int, teacher: Path | str, *extra: str) -> list[str]:
+    # ema_horizon 0.5: a spare EMA over ~3 of these 6-iteration runs (the default 10% would be the student itself)
     return common(data, out, max_iter) + [
-        "student.embed_dim=32", "distillation.enabled=true", f"distillation.checkpoint_path={teacher}", *extra,
+        "student.embed_dim=32", "distillation.enabled=true", f"distillation.checkpoint_path={teacher}",
+        "distillation.ema_horizon=0.5", *extra,
     ]
 
 
@@ -116,8 +118,9 @@ def test_spare_ema_is_the_average_of_the_student_iterates_not_of_its_initialisat
     """The scored model is the students' EMA: it must hold the trained weights, whatever the run length. A plain EMA
     started at the random initialisation keeps prod(m_t) of it (0.74 after the bench's 60 steps): the bias-corrected
     EMA weighs the iterates s_t by (1 - m_t) prod_(u>t) m_u, normalised, and the initialisation by 0."""
-    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run))
+    cfg = load_config(None, distill(image_folder, tmp_path, 1, teacher_run, "distillation.ema_horizon=0"))
     model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=True))
+    assert model.spare_ema_momentum is None  # the scheduled momenta below are used as given
     backbone = model.student["student__backbone"]
     momenta = [0.99, 0.995, 0.999, 1.0]  # the cosine schedule's kind of values, its final 1 included
     iterates, weights = [], []
@@ -143,6 +146,25 @@ def test_spare_ema_is_the_average_of_the_student_iterates_not_of_its_initialisat
     hub = torch.load(tmp_path / "students" / "student" / "eval" / "training_0" / "teacher_backbone_hub.pth",
                      weights_only=True)
     assert all(torch.equal(v, state[f"student.student__backbone.{k}"]) for k, v in hub.items())
+
+
+def test_spare_ema_momentum_is_constant_over_a_horizon_of_the_run(image_folder, teacher_run, tmp_path):
+    """distillation.ema_horizon h: the spare EMA's momentum is 1 - 1/(h T) whatever the teacher schedule says, so the
+    final model averages about the last h T iterates; in a short run the scheduled momentum's rise to 1 would freeze
+    it mid-run."""
+    from dinov2.train.distill import spare_ema_momentum
+
+    cfg = load_config(None, distill(image_folder, tmp_path, 40, teacher_run, "distillation.ema_horizon=0.25"))
+    assert spare_ema_momentum(cfg) == pytest.approx(0.9)
+    model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=True))
+    momenta = [model.ema_momentum(scheduled) for scheduled in (0.99, 0.995, 1.0, 1.0)]
+    # bias-corrected constant 0.9: m'_t = 0.9 (1 - 0.9^(t-1)) / (1 - 0.9^t)
+    assert momenta == pytest.approx([0.0, 0.9 * 0.1 / 0.19, 0.9 * 0.19 / 0.271, 0.9 * 0.271 / 0.3439])
+    assert float(model.ema_init_share) == pytest.approx(0.9**4)
+    assert spare_ema_momentum(load_config(None, distill(image_folder, tmp_path, 4, teacher_run,
+                                                        "distillation.ema_horizon=0.1"))) == 0.0  # < 1 iteration
+    with pytest.raises(ConfigError, match="distillation.ema_horizon"):
+        load_config(None, distill(image_folder, tmp_path, 4, teacher_run, "distillation.ema_horizon=2"))
 
 
 class StopAt:
