@@ -291,7 +291,8 @@ def test_copy_dedup_and_decontaminate_slurm_arrays_byte_identical(slurm_cluster,
     pool = _pool(3000, seed=6)
     evals = _evals(pool, 1700, seed=7)
     common = ["copy_dedup.index=ivf", "copy_dedup.k=16", "copy_dedup.nprobe=8", "copy_dedup.threads=1",
-              "copy_dedup.slice_rows=800", "copy_dedup.recall_sample=200", "decontaminate.eval_sets=[ev=/x]"]
+              "copy_dedup.slice_rows=800", "copy_dedup.recall_sample=200", "decontaminate.eval_sets=[ev=/x]",
+              "decontaminate.nprobe=8"]  # 8 of 76 lists: an exhaustive search would match every component here
     runs = {"local": common, "slurm": common + _slurm_overrides(slurm_cluster, tmp_path)}
     for name, overrides in runs.items():
         _write_copy_upstream(tmp_path / name, pool, evals)

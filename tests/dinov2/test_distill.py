@@ -191,6 +191,20 @@ def test_preemption_then_resume_is_bitwise(image_folder, teacher_run, distilled,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_preemption_then_resume_is_bitwise_with_the_feature_term(image_folder, teacher_run, tmp_path):
+    feature = "distillation.feature_loss_weight=1"
+    train(load_config(None, distill(image_folder, tmp_path / "straight", 4, teacher_run, feature)), DistEnv())
+    stop = StopAt(1)
+    run = distill(image_folder, tmp_path / "resumed", 4, teacher_run, feature)
+    assert train(load_config(None, run), DistEnv(), preemption=stop)["stopped_for_preemption"]
+    train(load_config(None, run), DistEnv())
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["student/feature_cls_loss"] for r in resumed] == [r["student/feature_cls_loss"] for r in straight]
+    a, b = checkpoint(tmp_path / "straight", 3), checkpoint(tmp_path / "resumed", 3)
+    assert "student.student__feature_head.weight" in a
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_students_in_one_run_equal_two_single_runs(image_folder, teacher_run, tmp_path):
     small = "{name: small, embed_dim: 32}"
     deep = "{name: deep, embed_dim: 16, depth: 3, num_heads: 1}"
@@ -341,16 +355,19 @@ def launch_world_2(runs: list[list[str]]) -> None:
 
 
 def test_world_2_ddp_fsdp_and_manual_all_reduce_agree(image_folder, teacher_run, tmp_path):
+    """With the feature term on, so that its projections are sharded and reduced like the heads."""
     outs = {strategy: tmp_path / strategy for strategy in ("none", "ddp", "fsdp")}
     students = "distillation.students=[{name: a, embed_dim: 32}, {name: b, embed_dim: 16, num_heads: 1}]"
     launch_world_2([distill(image_folder, out, 3, teacher_run, f"train.strategy={strategy}", students,
-                            "optim.clip_grad=0.05") for strategy, out in outs.items()])
+                            "optim.clip_grad=0.05", "distillation.feature_loss_weight=1")
+                    for strategy, out in outs.items()])
     reference = metrics(outs["none"])
     assert [r["iteration"] for r in reference] == [0, 1, 2]
     assert all(r["grad_norm_a__backbone"] > 0.05 for r in reference)  # clipping is active: norms must be global
     for strategy in ("ddp", "fsdp"):
         rows = metrics(outs[strategy])
-        for key in ("total_loss", "a/ibot_loss", "b/total_loss", "grad_norm_b__dino_head"):
+        for key in ("total_loss", "a/ibot_loss", "b/total_loss", "grad_norm_b__dino_head", "a/feature_patch_loss",
+                    "grad_norm_b__feature_head"):
             np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in reference], rtol=1e-4)
     # the sharded checkpoints: every rank wrote its part; each student's EMA was exported from the gathered state
     for out in outs.values():
