@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.learning import IMAGE_PX, WRITERS, mcnemar_p, training_overrides  # noqa: E402
 from dinov2.config import load_config, save_config  # noqa: E402
 from dinov2.distributed.env import DistEnv  # noqa: E402
-from dinov2.eval.datasets import eval_transform, open_labelled  # noqa: E402
+from dinov2.eval.datasets import open_labelled  # noqa: E402
+from dinov2.eval.features import extract_features  # noqa: E402
 from dinov2.eval.knn import evaluate_knn, knn_predict  # noqa: E402
 from dinov2.train.distill import build_distillation, plan_distillation  # noqa: E402
 from dinov2.train.metrics import setup_logging  # noqa: E402
@@ -104,12 +104,13 @@ def target_knn(model: torch.nn.Module, teacher_temp: float, root: Path) -> dict[
     targets = {}
     for split in ("knn_train", "knn_val"):
         data = open_labelled(root / split)
-        images = torch.stack([eval_transform(Image.open(path).convert("RGB"), IMAGE_PX) for path in data.paths])
-        logits = teacher["dino_head"](teacher["backbone"](images, is_training=True)["x_norm_clstoken"]).float()
-        targets[split] = (data, F.normalize((logits / teacher_temp).softmax(dim=-1).sqrt(), dim=-1))
-    (train_data, train_feats), (val_data, val_feats) = targets["knn_train"], targets["knn_val"]
-    predictions = knn_predict(train_feats, train_data.labels, val_feats, (10, 20))
-    return {str(k): (p == val_data.labels).numpy() for k, p in predictions.items()}
+        # the kNN's own decode path; unreadable images left out, as evaluate_knn does
+        cls, ok = extract_features(teacher["backbone"], data, IMAGE_PX, ("cls",))
+        logits = teacher["dino_head"](cls["cls"][ok]).float()
+        targets[split] = (data.labels[ok], F.normalize((logits / teacher_temp).softmax(dim=-1).sqrt(), dim=-1))
+    (train_labels, train_feats), (val_labels, val_feats) = targets["knn_train"], targets["knn_val"]
+    predictions = knn_predict(train_feats, train_labels, val_feats, (10, 20))
+    return {str(k): (p == val_labels).numpy() for k, p in predictions.items()}
 
 
 def knn_of(backbone: torch.nn.Module, root: Path) -> dict[str, np.ndarray]:

@@ -220,15 +220,14 @@ class Distillation(Objective):
         if self.do_koleo:
             losses["koleo_loss"] = self.koleo_loss_weight * sum(self.koleo_loss(c) for c in global_cls.chunk(2))
             total = total + losses["koleo_loss"]
+        patch_tokens = global_out["x_norm_patchtokens"]  # (2B, N, D_s): nothing masked
         if self.do_ibot:
-            patch_tokens = global_out["x_norm_patchtokens"]  # (2B, N, D): nothing masked
             logits = self.student[part_key(name, self.student_ibot_head)](patch_tokens.flatten(0, 1)).float()
             every_token = torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=logits.device)  # (2B, N)
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(logits, ibot_targets, every_token)
             total = total + self.ibot_loss_weight * losses["ibot_loss"]
         if self.feature_loss_weight > 0:
             projection = self.student[part_key(name, FEATURE_HEAD)]
-            patch_tokens = global_out["x_norm_patchtokens"]  # (2B, N, D_s)
             losses["feature_cls_loss"] = self.feature_loss(projection(global_cls), teacher["cls"])
             losses["feature_patch_loss"] = self.feature_loss(projection(patch_tokens.flatten(0, 1)),
                                                              teacher["patches"].flatten(0, 1))
