@@ -111,8 +111,9 @@ def write_tux(root: Path) -> int:
     return len(classes)
 
 
-def write_photos(root: Path) -> int:
-    """Crops of the bundled sample photographs, one class per photograph (train and val: independent draws)."""
+def write_photos(root: Path, val_per_class: int = 20) -> int:
+    """Crops of the bundled sample photographs, one class per photograph (train and val: independent draws). The
+    train crops are drawn first, so ``val_per_class`` changes the val set only."""
     import skimage.data
     from sklearn.datasets import load_sample_images
 
@@ -120,7 +121,7 @@ def write_photos(root: Path) -> int:
     photos = {n: np.asarray(getattr(skimage.data, n)()) for n in names}
     photos.update(zip(("china", "flower"), load_sample_images().images))
     rng = np.random.default_rng(0)
-    for split, per_class in (("knn_train", 40), ("knn_val", 20)):
+    for split, per_class in (("knn_train", 40), ("knn_val", val_per_class)):
         for name, image in photos.items():
             image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
             h, w = image.shape[:2]

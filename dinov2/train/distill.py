@@ -236,6 +236,15 @@ def build_distillation(cfg: TrainConfig, plan: DistillationPlan) -> Distillation
     logger.info("students' spare EMA: %s", "the teacher-momentum schedule" if momentum is None else
                 f"constant momentum {momentum:.6g} (distillation.ema_horizon {cfg.distillation.ema_horizon} of "
                 f"{cfg.train.max_iter} iterations)")
+    weight = cfg.distillation.feature_loss_weight
+    if weight > 0:
+        logger.info("distillation objective: the paper's (DINO + iBOT + KoLeo on the frozen teacher's targets) + the "
+                    "feature term, weight %g", weight)
+    else:
+        logger.info("distillation objective: the paper's (DINO + iBOT + KoLeo on the frozen teacher's targets); "
+                    "where the teacher's heads saw much less training than its backbone (heads fitted on a released "
+                    "backbone, a short or small-batch SSL run), distillation.feature_loss_weight=10 adds what those "
+                    "targets lack (README, Distillation)")
     return model
 
 
