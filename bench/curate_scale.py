@@ -12,6 +12,8 @@ Stages (each in a fresh child process): wall time, peak RSS (the child's VmHWM: 
 and the memmap pages it touched) and the child's peak anonymous memory (sampled every 20 ms; i.e. without the
 clean file pages the kernel can drop):
 - near_dedup: `near_dedup.near_pairs` (Faiss multi-hash, exact) over the hashes; recall of planted pairs.
+- copy_knn_pq8: copy_knn with `pq_fast_scan` off (8-bit PQ codes, the same bytes per vector), side by side with
+  copy_knn's 4-bit fast-scan codes; the table's last lines give the ratios.
 - copy_knn: `knn.Searcher` (index chosen by `--memory-budget-gb`, like copy_dedup) + the k = 64 self-kNN graph with
   exact re-rank; recall of planted copies (edge cos > 0.6 found), and the recall vs exact search on a seeded query
   sample that copy_dedup prints. `--query-sample Q` times Q random queries and extrapolates the all-query time
@@ -48,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("near_dedup", "copy_knn", "decontaminate", "kmeans", "hkmeans", "retrieve")
+STAGES = ("near_dedup", "copy_knn_pq8", "copy_knn", "decontaminate", "kmeans", "hkmeans", "retrieve")
+KNN_GRAPH_STAGES = ("copy_knn_pq8", "copy_knn")
 COPY_THRESHOLD, DECON_THRESHOLD = 0.6, 0.45
 D = 512
 
@@ -137,22 +140,27 @@ def stage_near_dedup(d: Path, cfg: dict) -> dict:
     return {"pairs": int(i.size), "planted_recall": _pair_recall(i, j, p["hash_a"], p["hash_b"])}
 
 
-def _params(cfg: dict, n: int):
+def _params(cfg: dict, n: int, pq_fast_scan: bool = True):
     from data_pipeline.core.knn import KnnParams
 
     nlist = int(cfg["nlist_factor"] * n**0.5) if cfg["nlist_factor"] > 0 else 0
     return KnnParams(memory_budget_gb=cfg["memory_budget_gb"], nlist=nlist, threads=cfg["threads"],
-                     flat_max=min(200_000, n - 1))
+                     flat_max=min(200_000, n - 1), pq_fast_scan=pq_fast_scan)
 
 
-def stage_copy_knn(d: Path, cfg: dict) -> dict:
+def stage_copy_knn_pq8(d: Path, cfg: dict) -> dict:
+    """The kNN graph as before IVF-PQ fast-scan: 8-bit PQ codes (the same bytes), for the side-by-side ratio."""
+    return stage_copy_knn(d, cfg, pq_fast_scan=False)
+
+
+def stage_copy_knn(d: Path, cfg: dict, pq_fast_scan: bool = True) -> dict:
     from data_pipeline.core.knn import Searcher, drop_self, index_to_bytes, measure_recalls
     from data_pipeline.dedup.copy_dedup import self_pairs
 
     pool = np.load(d / "pool.npy", mmap_mode="r")
     p = np.load(d / "planted.npz")
     n, k = len(pool), 64
-    params = _params(cfg, n)
+    params = _params(cfg, n, pq_fast_scan)
     floor = COPY_THRESHOLD - 0.05  # copy_dedup keeps the audit band below the threshold too
     out: dict = {}
     t0 = time.perf_counter()
@@ -195,7 +203,8 @@ def stage_copy_knn(d: Path, cfg: dict) -> dict:
     else:
         out["recall_edges"] = out["recall_at_k"] = 1.0
     out["recall_s"] = round(time.perf_counter() - t2, 1)
-    (d / "index.faiss").write_bytes(index_to_bytes(searcher))
+    if pq_fast_scan:  # the index decontaminate loads, as copy_dedup's
+        (d / "index.faiss").write_bytes(index_to_bytes(searcher))
     return out
 
 
@@ -336,7 +345,7 @@ def slope(ns: list[int], ys: list[float]) -> float | None:
 
 def stage_time(stage: str, r: dict) -> float:
     """The time that grows with the pool: for copy_knn the build + all-query search (extrapolated when sampled)."""
-    return r["search_s"] if stage == "copy_knn" else r["wall_s"]
+    return r["search_s"] if stage in KNN_GRAPH_STAGES else r["wall_s"]
 
 
 def print_table(results: dict[int, dict], cfg: dict) -> dict:
@@ -354,7 +363,7 @@ def print_table(results: dict[int, dict], cfg: dict) -> dict:
                 cells.append(f"{'-':>44}")
                 continue
             t = stage_time(stage, r)
-            star = "*" if stage == "copy_knn" and r.get("queries", n) < n else ""
+            star = "*" if stage in KNN_GRAPH_STAGES and r.get("queries", n) < n else ""
             pr = r.get("planted_recall")
             rec = r.get("recall_edges")
             cell = (f"{t:.0f}{star} / {r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f}) / "
@@ -363,12 +372,23 @@ def print_table(results: dict[int, dict], cfg: dict) -> dict:
         have = [n for n in ns if stage in results[n]]
         te = slope(have, [stage_time(stage, results[n][stage]) for n in have])
         me = slope(have, [results[n][stage]["peak_anon_mib"] for n in have])
-        with_cpu = [n for n in have if "cpu_s" in results[n][stage] and stage != "copy_knn"]
+        with_cpu = [n for n in have if "cpu_s" in results[n][stage] and stage not in KNN_GRAPH_STAGES]
         ce = slope(with_cpu, [results[n][stage]["cpu_s"] for n in with_cpu]) if len(with_cpu) == len(have) else None
         growth[stage] = {"time": te, "cpu_time": ce, "anon_memory": me}
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"{stage:<14}" + "".join(cells) + f"{fmt(te):>10}{fmt(me):>9}{fmt(ce):>9}")
     print("* copy_knn: index build + all-query time extrapolated linearly from the timed query sample.")
+    both = [n for n in ns if all(stage in results[n] for stage in KNN_GRAPH_STAGES)]
+    for n in both:
+        old, new = (results[n][stage] for stage in KNN_GRAPH_STAGES)
+        per_query = [r["search_sample_s"] / r["queries"] * 1e3 for r in (old, new) if "search_sample_s" in r]
+        query_note = (f", per query {per_query[0]:.2f} -> {per_query[1]:.2f} ms ({per_query[0] / per_query[1]:.1f}x)"
+                      if len(per_query) == 2 else "")
+        ratio = stage_time("copy_knn", old) / stage_time("copy_knn", new)
+        print(f"n={n:,}: kNN graph, 8-bit PQ -> fast-scan: build {old.get('build_s', '-')} -> "
+              f"{new.get('build_s', '-')} s{query_note}, graph {ratio:.1f}x faster; edge recall "
+              f"{old['recall_edges']} -> {new['recall_edges']}, recall@64 {old.get('recall_at_k')} -> "
+              f"{new.get('recall_at_k')}, planted {old['planted_recall']:.3f} -> {new['planted_recall']:.3f}")
     print("time exp / RSS exp / cpu exp: log-log slopes of wall time, peak anonymous memory and CPU seconds.")
     return growth
 

@@ -185,6 +185,7 @@ class CopyDedupConfig:
     nlist: int = 0
     nprobe: int = 32
     pq_m: int = 32
+    pq_fast_scan: bool = True  # IVF-PQ on the CPU as 2 * pq_m 4-bit fast-scan codes (same bytes; GPUs: 8-bit)
     rerank: int = 256
     recall_sample: int = 1000
     audit_margin: float = 0.05

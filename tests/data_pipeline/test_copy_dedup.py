@@ -15,9 +15,11 @@ import pytest
 
 from data_pipeline.core import artifacts
 from data_pipeline.core.config import load_config
+from data_pipeline.core import knn
 from data_pipeline.core.knn import (
     KnnParams,
     Searcher,
+    exact_scores,
     exact_search,
     knn_params,
     knn_search,
@@ -107,6 +109,49 @@ def test_approximate_index_reranked_matches_flat_graph(kind, n_clusters):
         keep = si.ravel() > 0.6
         edges[name] = set(zip(np.minimum(q, ii.ravel())[keep].tolist(), np.maximum(q, ii.ravel())[keep].tolist()))
     assert edges["approx"] == edges["flat"] and len(edges["flat"]) > 100 * n_clusters // 30
+
+
+def test_ivfpq_uses_fast_scan_codes_on_cpu_and_answers_queries_independently_of_batching():
+    import faiss
+    import torch
+
+    base = _clustered(150, 5, seed=3)
+    fast = Searcher(base, KnnParams(index="ivfpq", threads=2, nprobe=16, pq_m=8))
+    eight_bit = Searcher(base, KnnParams(index="ivfpq", threads=2, nprobe=16, pq_m=8, pq_fast_scan=False))
+    assert isinstance(faiss.downcast_index(fast.index), faiss.IndexIVFPQFastScan)
+    assert type(faiss.downcast_index(eight_bit.index)) is faiss.IndexIVFPQ
+    assert faiss.downcast_index(fast.index).pq.M == 16 and faiss.downcast_index(eight_bit.index).pq.M == 8
+    assert fast.nbytes == eight_bit.nbytes  # the same code bytes per vector
+    threads = torch.get_num_threads()
+    whole = fast.search(base[:60], 8)
+    sliced = [fast.search(base[i : min(i + 7, 60)], 8) for i in range(0, 60, 7)]  # what array tasks do
+    assert np.array_equal(whole[1], np.vstack([x[1] for x in sliced]))
+    assert np.array_equal(whole[0], np.vstack([x[0] for x in sliced]))
+    assert torch.get_num_threads() == threads  # the re-rank's torch threads are restored
+    # Too few training points for 16 centroids per sub-quantizer: the 8-bit form with a smaller codebook.
+    small = Searcher(base[:500], KnnParams(index="ivfpq", threads=1, nlist=4, pq_m=8))
+    assert type(faiss.downcast_index(small.index)) is faiss.IndexIVFPQ
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_exact_scores_match_float64_and_are_symmetric_across_steps(dtype, monkeypatch):
+    rng = np.random.default_rng(9)
+    base = _unit(rng.standard_normal((300, D))).astype(dtype)
+    queries = base[:40].astype(np.float32)
+    cand = rng.integers(0, 300, size=(40, 25))
+    cand[7] = cand[6]  # duplicate candidates across queries
+    cand[:, 0] = np.arange(40)[::-1]  # query i holds 39 - i: both endpoints of those pairs are scored
+    cand[3, 5:9] = -1
+    monkeypatch.setattr(knn, "RERANK_BYTES", 3 * 25 * D * 4)  # 3 queries per step: buffers reused, last one short
+    got = exact_scores(base, queries, cand, threads=2)
+    ref = np.einsum("brd,bd->br", base[np.where(cand >= 0, cand, 0)].astype(np.float64), queries.astype(np.float64))
+    assert np.isneginf(got[3, 5:9]).all() and np.isfinite(np.delete(got, np.s_[5:9], axis=1)).all()
+    ok = cand >= 0
+    np.testing.assert_allclose(got[ok], ref[ok], rtol=0, atol=1e-6)
+    # The same pair gives the same bits from either endpoint, whatever step each was scored in.
+    assert all(got[i, 0] == got[39 - i, 0] for i in range(40))
+    monkeypatch.setattr(knn, "RERANK_BYTES", 64 << 20)
+    assert np.array_equal(exact_scores(base, queries, cand, threads=1), got)
 
 
 def test_exact_search_blocks_agree_with_single_index():
