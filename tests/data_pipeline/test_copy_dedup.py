@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_pipeline.core import artifacts
+from data_pipeline.core import artifacts, knn
 from data_pipeline.core.config import load_config
-from data_pipeline.core import knn
 from data_pipeline.core.knn import (
     KnnParams,
     Searcher,

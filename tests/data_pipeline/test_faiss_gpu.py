@@ -136,6 +136,17 @@ def test_exact_search_and_index_roundtrip_on_gpu(needs_faiss_gpu):
 
 
 @pytest.mark.gpu
+def test_cpu_fast_scan_index_loaded_on_a_gpu_machine_is_searched_on_the_cpu(needs_faiss_gpu):
+    base = _clustered(20_000, 64, 200, seed=4)
+    params = dict(index="ivfpq", nlist=64, nprobe=8, pq_m=16, threads=4)
+    cpu = Searcher(base, KnnParams(device="cpu", **params))
+    loaded = searcher_from_bytes(base, KnnParams(device="gpu", **params), index_to_bytes(cpu))
+    assert not loaded.gpu  # Faiss has no GPU fast-scan
+    a, b = cpu.search(base[:300], 10), loaded.search(base[:300], 10)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+
+
+@pytest.mark.gpu
 def test_kmeans_gpu_matches_cpu(needs_faiss_gpu):
     x = _clustered(50_000, 64, 50, seed=3)
     runs = {dev: spherical_kmeans(x, 50, iterations=10, seed=0, device=dev) for dev in ("cpu", "gpu")}
