@@ -408,7 +408,9 @@ def test_vitg14_distillation_config_pairs(tmp_path):
     students = cfg.distillation.student_configs(cfg.student)
     assert {n: s.arch for n, s in students.items()} == {"vits14": "vit_small", "vitb14": "vit_base"}
     assert teacher.student.arch == "vit_giant2" and all(s.patch_size == 14 for s in students.values())
-    check_pairing(cfg, teacher, students)  # raises on any mismatch
+    # heads fitted on a released backbone: the recipe adds the feature term; the trainer's default is the paper's
+    assert cfg.distillation.feature_loss_weight == 10.0 and load_config(None).distillation.feature_loss_weight == 0.0
+    check_pairing(cfg, teacher, students)  # raises on any mismatch, the feature term's equal token grids included
 
 
 @pytest.mark.parametrize("feature_weight", [0.0, 1.0])
