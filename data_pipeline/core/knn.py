@@ -30,7 +30,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from data_pipeline.core import faiss_gpu
 from data_pipeline.core.vectors import blocks, release, to_f32
@@ -147,6 +146,10 @@ def exact_scores(base: np.ndarray, queries: np.ndarray, cand: np.ndarray, thread
     Returns:
         float32 [m, r]; -inf where cand is -1.
     """
+    # torch loads here, not with the module: curation workers re-import the CLI's modules under a memory cap that a
+    # CUDA build of torch's address-space mappings would exceed (see data_pipeline/embed/embed.py)
+    import torch
+
     m, r = cand.shape
     out = np.full((m, r), -np.inf, dtype=np.float32)
     if m == 0 or r == 0:

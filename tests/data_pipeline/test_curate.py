@@ -189,6 +189,13 @@ def test_kill_and_resume_gives_identical_outputs(planted_run, tmp_path):
     assert len(ids) == len(set(ids)) == 54
 
 
+def test_cli_modules_load_without_torch():
+    """Curation workers re-import the CLI's modules under an address-space cap that a CUDA build of torch exceeds:
+    torch loads only inside the stages that need it (embedding, the kNN re-rank)."""
+    code = "import sys, data_pipeline.curate; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
 def test_cli_config_errors_are_one_line(planted_src, tmp_path):
     src, _ = planted_src
     for bad, key in (("hash.treshold=3", "hash.treshold"), ("hash.threshold=abc", "hash.threshold"),
