@@ -59,6 +59,7 @@ def test_searcher_reports_its_index_bytes():
 _PASS = r"""
 import json, sys
 import numpy as np
+import torch  # the re-rank's float16 cast loads it: a fixed cost loaded before the measurement, not the pass's
 from data_pipeline.cluster.kmeans import assign
 from data_pipeline.core.knn import KnnParams, exact_search
 from data_pipeline.core.vectors import blocks
