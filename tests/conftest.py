@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# seconds a requeued job's hold is seen before the tests release it (see SlurmCluster.release_requeue_hold)
+REQUEUE_SETTLE_S = 2.0
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     """A running cluster: its partition and a fresh folder for this session's submitit logs.
@@ -43,13 +47,23 @@ class SlurmCluster:
 
     partition: str
     log_root: Path
+    _held_since: dict = field(default_factory=dict, compare=False, repr=False)
 
     def release_requeue_hold(self, job_id: str) -> bool:
-        """Lets a requeued job start now instead of after Slurm's ~2 min hold. Returns whether it was held."""
+        """Lets a requeued job start soon instead of after Slurm's ~2 min hold. Returns whether it was held.
+
+        Not at once: slurmd rejects a job credential created in the same second as its revocation at the requeue
+        ("Killing non-startable batch job: Job credential revoked", and the job ends FAILED), so the hold is
+        released once it has been seen for REQUEUE_SETTLE_S.
+        """
         shown = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
         if "Reason=BeginTime" not in shown:
+            self._held_since.pop(job_id, None)
             return False
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, check=False)
+        seen = self._held_since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - seen >= REQUEUE_SETTLE_S:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
+                           check=False)
         return True
 
     def wait(self, job, timeout_s: float = 60.0) -> None:
