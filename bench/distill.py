@@ -84,13 +84,16 @@ def knn(weights: Path, root: Path, num_heads: int) -> dict[str, np.ndarray]:
     return knn_of(load_backbone(weights, num_heads=num_heads), root)  # not the hub's 64-d heads: custom ViTs
 
 
-def distilled_student_knn(overrides: list[str], out: Path, root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """kNN of the distilled student's random initialisation and of its live (trained, not averaged) weights, and of
-    the frozen teacher's DINO targets (see :func:`target_knn`)."""
+def distilled_student_knn(overrides: list[str], out: Path, root: Path,
+                          references: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """kNN of the distilled student's live (trained, not averaged) weights, and with ``references`` of its random
+    initialisation and of the frozen teacher's DINO targets (see :func:`target_knn`)."""
     cfg, _ = resolve_regime(load_config(None, overrides), 1)  # the run's model: its regime's queue buffers too
     model = build_distillation(cfg, plan_distillation(cfg, resume=True, is_main=False))
     backbone = model.student["student__backbone"]
-    scores = {"init": knn_of(backbone, root), "targets": target_knn(model, cfg.teacher.teacher_temp, root)}
+    scores = {}
+    if references:
+        scores = {"init": knn_of(backbone, root), "targets": target_knn(model, cfg.teacher.teacher_temp, root)}
     newest = max((out / "checkpoints").glob("iter_*"), key=lambda p: int(p.name.split("_")[1]))
     model.load_state_dict(torch.load(newest / "state.pth", weights_only=True)["model"])
     scores["live"] = knn_of(backbone, root)
@@ -180,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
 
         correct = {"teacher (SSL, 128-d x 6)": knn(newest_export(teacher_dir), root, 4)}
         references = {}
-        for arm, (folder, _) in arms.items():
+        for i, (arm, (folder, _)) in enumerate(arms.items()):
             correct[f"distilled, {arm}"] = knn(newest_export(folder / "students" / "student"), root, 2)
-            references[arm] = distilled_student_knn(arm_overrides[arm], folder, root)
+            # the same teacher and student seed in both arms: init and targets are scored once, with the first
+            references[arm] = distilled_student_knn(arm_overrides[arm], folder, root, references=i == 0)
         correct["student SSL from scratch"] = knn(newest_export(ssl_dir), root, 2)
         for arm in arms:
             correct[f"(live weights, {arm})"] = references[arm]["live"]
-        first = references["paper objective"]  # the same teacher and student seed in both arms
+        first = references["paper objective"]
         correct["(teacher's DINO targets)"] = first["targets"]
         correct["(student at random init)"] = first["init"]
         total_s = time.perf_counter() - start
