@@ -342,6 +342,11 @@ class SmallBatchConfig:
     sinkhorn_queue_size: int = 2048
     # -> optim.scaling_min_total_batch: the lr scaling rule stops shrinking the peak lr below this total batch
     lr_scaling_min_total_batch: int = 256
+    # -> teacher.momentum_teacher in runs too short for it: the start momentum is lowered (never raised) until the
+    # EMA's momentum schedule sums to at least this many time constants, sum_t (1 - m_t) (the teacher then keeps a
+    # share exp(-sum) of its random init). The official 0.992 -> 1 over 125k iterations sums to 500; the same start
+    # over 600 iterations to 2.4. 0 keeps the configured momentum.
+    teacher_ema_time_constants: float = 6.0
 
     def validate(self) -> None:
         _check_choice("small_batch.mode", self.mode, ("auto", "always", "never"))
@@ -350,6 +355,7 @@ class SmallBatchConfig:
         _check_choice("small_batch.centering", self.centering, ("keep", "centering", "sinkhorn_knopp"))
         _check_positive("small_batch.sinkhorn_queue_size", self.sinkhorn_queue_size, allow_zero=True)
         _check_positive("small_batch.lr_scaling_min_total_batch", self.lr_scaling_min_total_batch, allow_zero=True)
+        _check_positive("small_batch.teacher_ema_time_constants", self.teacher_ema_time_constants, allow_zero=True)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dinov2.distributed.env import DistEnv
 from dinov2.loss import DINOLoss, sinkhorn_knopp
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.regime import resolve_regime
+from dinov2.train.schedules import build_schedules
 from dinov2.train.train import build_student_teacher, train
 
 
@@ -128,12 +129,54 @@ def test_lr_scaling_stops_shrinking_at_the_regime_floor():
     assert scaled_lr(small.optim, 64) == pytest.approx(0.002)
 
 
+def ema_time_constants(cfg) -> float:
+    """sum_t (1 - m_t) over the run's scheduled iterations, from the trainer's own momentum schedule."""
+    schedules = build_schedules(cfg.optim, cfg.teacher, cfg.train.OFFICIAL_EPOCH_LENGTH, 1e-3)
+    return sum(1 - schedules.momentum(it) for it in range(cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH))
+
+
+def test_short_run_teacher_momentum_is_lowered_to_reach_the_time_constants():
+    short = ["train.batch_size_per_gpu=32", "train.OFFICIAL_EPOCH_LENGTH=30", "optim.epochs=20",
+             "teacher.momentum_teacher=0.99"]
+    cfg = load_config(None, short)
+    assert ema_time_constants(cfg) == pytest.approx(3.0, abs=0.02)  # 600 iterations from 0.99: a 5% share of init
+    resolved, regime = resolve_regime(cfg, 1)
+    assert resolved.teacher.momentum_teacher == 0.98
+    assert regime.changes["teacher.momentum_teacher"] == (0.99, 0.98)
+    assert ema_time_constants(resolved) == pytest.approx(6.0, abs=0.02)
+    eight, _ = resolve_regime(load_config(None, [*short, "small_batch.teacher_ema_time_constants=8"]), 1)
+    assert ema_time_constants(eight) == pytest.approx(8.0, abs=0.02)
+    kept, regime = resolve_regime(load_config(None, [*short, "small_batch.teacher_ema_time_constants=0"]), 1)
+    assert kept.teacher.momentum_teacher == 0.99 and "teacher.momentum_teacher" not in regime.changes
+    fast, _ = resolve_regime(load_config(None, [*short, "teacher.momentum_teacher=0.9"]), 1)
+    assert fast.teacher.momentum_teacher == 0.9  # lowered, never raised
+    tiny_run, _ = resolve_regime(load_config(None, [*short, "optim.epochs=1", "optim.warmup_epochs=0",
+                                                      "train.OFFICIAL_EPOCH_LENGTH=4"]), 1)
+    assert tiny_run.teacher.momentum_teacher == 0.0  # clamped: the teacher follows its student
+
+
+def test_teacher_momentum_is_kept_in_long_runs_at_large_batch_in_distillation_and_from_weights():
+    long_run, regime = resolve_regime(load_config(None, ["train.batch_size_per_gpu=32"]), 1)  # 125k iterations
+    assert regime.name == "small_batch" and long_run.teacher.momentum_teacher == 0.992
+    short = ["train.OFFICIAL_EPOCH_LENGTH=30", "optim.epochs=20", "teacher.momentum_teacher=0.99"]
+    large = load_config(None, ["train.batch_size_per_gpu=1024", *short])
+    assert resolve_regime(large, 1)[0] is large  # official regime: nothing changes, short run or not
+    distill = ["distillation.enabled=true", "distillation.checkpoint_path=/weights/teacher.pth"]
+    students, _ = resolve_regime(load_config(None, ["train.batch_size_per_gpu=32", *short, *distill]), 1)
+    assert students.teacher.momentum_teacher == 0.99
+    for start in ("train.init_from=/runs/phase1", "MODEL.WEIGHTS=/weights/b.pth", "student.pretrained_weights=/w.pth"):
+        continued, _ = resolve_regime(load_config(None, ["train.batch_size_per_gpu=32", *short, start]), 1)
+        assert continued.teacher.momentum_teacher == 0.99  # trained weights: no random init to forget
+
+
 def test_bad_small_batch_value_is_a_one_line_error_naming_the_key():
     with pytest.raises(ConfigError, match="small_batch.mode") as error:
         load_config(None, ["small_batch.mode=sometimes"])
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="small_batch.sinkhorn_queue_size"):
         load_config(None, ["small_batch.sinkhorn_queue_size=-1"])
+    with pytest.raises(ConfigError, match="small_batch.teacher_ema_time_constants"):
+        load_config(None, ["small_batch.teacher_ema_time_constants=-1"])
 
 
 # --- the Sinkhorn-Knopp queue --------------------------------------------------------------------------------------
