@@ -329,9 +329,9 @@ class SmallBatchConfig:
     small models, short runs) its teacher temperature (0.04 warming up to 0.07) is too high for the spread of the
     teacher's logits across images, and centering then leaves near-uniform targets; the sqrt lr rule also shrinks the
     peak lr 5.7x at a total batch of 32, and a short run's EMA teacher (momentum 0.992 -> 1) barely leaves its random
-    init. When the regime is on, its values replace the official keys they name in the
-    config the run uses (logged at start); at or above the threshold nothing changes, bit for bit. ``mode``: auto (on
-    below the threshold; the default, measured in README "Small batches") | always | never (the official recipe).
+    init. When the regime is on, its values replace the official keys they name in the config the run uses (logged
+    at start); at or above the threshold nothing changes, bit for bit. ``mode``: auto (on below the threshold; the
+    default, measured in README "Small batches") | always | never (the official recipe).
     """
 
     mode: str = "auto"
