@@ -508,11 +508,17 @@ class TrainConfig:
         self.distillation.validate(self)
 
     @property
+    def scheduled_iters(self) -> int:
+        """Iterations the lr, wd, momentum and temperature schedules span: epochs x the official epoch length."""
+        return self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
+
+    @property
     def max_iter(self) -> int:
-        """Total iterations: ``train.max_iter`` when set, else epochs x the official epoch length."""
+        """Total iterations: ``train.max_iter`` when set (it may stop a run before its schedules end), else
+        ``scheduled_iters``."""
         if self.train.max_iter > 0:
             return self.train.max_iter
-        return self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
+        return self.scheduled_iters
 
 
 def total_batch_size(train: TrainSection, world_size: int) -> int:

@@ -56,7 +56,7 @@ def short_run_momentum(cfg: TrainConfig, time_constants: float) -> float:
     nothing over its start with the lowered one (0.9), and gains with 0.99.
     """
     teacher = cfg.teacher
-    scheduled = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    scheduled = cfg.scheduled_iters
     pretrained = cfg.train.init_from or cfg.MODEL.WEIGHTS or cfg.student.pretrained_weights
     if time_constants <= 0 or scheduled <= 0 or pretrained:
         return teacher.momentum_teacher
