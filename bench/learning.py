@@ -26,7 +26,7 @@ Data (real images, nothing downloaded at run time):
   and val (313): both drawings of an emoji go to its split, so val holds animals, dishes, vehicles... never seen in
   training. Each drawing is placed at a random size (40-80% of the side), tilt and position on a random light
   gradient, 64 px. The classes are semantic, not visual: random-init kNN (k = 20) is 14.7-16.6% (by seed), about
-  twice chance (7.1%); over three seeds 600 iterations of the official recipe gain +4.1 points with the teacher's
+  twice chance (7.1%); over three seeds 600 iterations of the official recipe gain +3.5 points with the teacher's
   targets at 1.00 ln K, the small-batch regime +9.6 with them at 0.69 ln K.
 
 In all three, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
