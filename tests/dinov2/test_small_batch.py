@@ -132,7 +132,7 @@ def test_lr_scaling_stops_shrinking_at_the_regime_floor():
 def ema_time_constants(cfg) -> float:
     """sum_t (1 - m_t) over the run's scheduled iterations, from the trainer's own momentum schedule."""
     schedules = build_schedules(cfg.optim, cfg.teacher, cfg.train.OFFICIAL_EPOCH_LENGTH, 1e-3)
-    return sum(1 - schedules.momentum(it) for it in range(cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH))
+    return sum(1 - schedules.momentum(it) for it in range(cfg.scheduled_iters))
 
 
 def test_short_run_teacher_momentum_is_lowered_to_reach_the_time_constants():
