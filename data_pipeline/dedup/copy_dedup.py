@@ -4,7 +4,7 @@ Every embedded pool image queries its k = 64 nearest neighbours (`knn.Searcher`:
 IVF / IVF-PQ with an exact re-rank for large ones). Pairs with cosine > `copy_dedup.threshold` (0.6) are edges of an
 undirected graph. Its connected components are only reported (they chain unrelated images); images are grouped by
 `groups.group_pairs`, shared with the hash stage: giant components (above a share of the pool) are split or flagged,
-then greedy representatives in the documented order (largest width*height, then smallest id) keep every removed
+then greedy representatives in the documented order (largest width*height, then first listed) keep every removed
 image within the threshold of the image it is removed in favour of.
 
 Resume and scale-out: an IVF index is trained once and written atomically to `index-<fingerprint>.faiss` in the
@@ -253,7 +253,7 @@ def finish_copy_dedup(ctx: StageContext, table: pa.Table) -> dict:
     h = table.column("height").fill_null(0).to_numpy().astype(np.int64)
     limit = giant_limit(n, cfg.giant_fraction, cfg.giant_min_size)
     grouping = group_pairs(n, a[edge], b[edge], s[edge], edge_levels(s[edge]),
-                           quality_rank((w * h)[pool_rows], ids[pool_rows].astype(str)), limit, cfg.giant_action,
+                           quality_rank((w * h)[pool_rows], pool_rows), limit, cfg.giant_action,
                            floor_level=1)
     rep = pool_rows[grouping.rep]
 

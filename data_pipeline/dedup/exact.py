@@ -49,7 +49,7 @@ def exact_groups(table: pa.Table) -> dict[str, list]:
     w = np.array(table.column("width").fill_null(0).to_pylist(), dtype=np.int64)
     h = np.array(table.column("height").fill_null(0).to_pylist(), dtype=np.int64)
     ids = np.array(table.column("id").to_pylist())
-    rep = pick_representatives(labels, w * h, ids)
+    rep = pick_representatives(labels, w * h, np.arange(n, dtype=np.int64))  # rows are in row_id order
     kind, dup_of = [""] * n, [""] * n
     for k in np.flatnonzero(rep != np.arange(n)):
         dup_of[k] = str(ids[rep[k]])

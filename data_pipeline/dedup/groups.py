@@ -3,7 +3,7 @@
 Connected components of a "within threshold" graph chain unrelated images together (a~b and b~c put a and c in one
 group however far apart they are), so the near-duplicate and copy-detection stages do not delete components. They
 group by deterministic greedy representative assignment in the documented quality order (largest width*height, then
-smallest id):
+first listed: sources in config order, then path/member order, i.e. smallest row_id):
 
 1. Walking the images best first, an image becomes a *representative* (kept) unless an earlier representative is
    within the threshold of it. This is the lexicographically-first maximal independent set of the graph in that
@@ -57,27 +57,34 @@ def connected_labels(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return parent
 
 
-def quality_rank(pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Position of each node in the documented order: largest width*height first, then smallest id.
+def quality_rank(pixels: np.ndarray, listed: np.ndarray) -> np.ndarray:
+    """Position of each node in the documented order: largest width*height first, then first listed.
+
+    Ties go to the listing position (the ingest row_id: sources in config order, then path/member order), not to the
+    id: ids hash the source spec, so the same crawl mounted at another path would keep other members of a tie and
+    curate a different set. A user can also list a trusted source first to have it win ties.
+
+    Args:
+        pixels: int64 [n] width*height per node.
+        listed: int64 [n] listing position per node (distinct).
 
     Returns:
         int64 [n], a permutation of 0..n-1 (0 = best).
     """
     n = pixels.shape[0]
-    id_rank = np.argsort(np.argsort(ids, kind="stable"), kind="stable")
-    order = np.lexsort((id_rank, -pixels.astype(np.int64)))
+    order = np.lexsort((np.asarray(listed, dtype=np.int64), -pixels.astype(np.int64)))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n, dtype=np.int64)
     return rank
 
 
-def pick_representatives(labels: np.ndarray, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def pick_representatives(labels: np.ndarray, pixels: np.ndarray, listed: np.ndarray) -> np.ndarray:
     """The documented rule for equivalence classes (exact dedup): in each group keep the best node of `quality_rank`.
 
     Args:
         labels: int64 [n] group label per node.
         pixels: int64 [n] width*height per node.
-        ids: str [n] stable item ids.
+        listed: int64 [n] listing position per node (row_id).
 
     Returns:
         int64 [n]: index of the kept member of each node's group.
@@ -85,7 +92,7 @@ def pick_representatives(labels: np.ndarray, pixels: np.ndarray, ids: np.ndarray
     n = labels.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((quality_rank(pixels, ids), labels))
+    order = np.lexsort((quality_rank(pixels, listed), labels))
     first = np.ones(n, dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]
     out = np.empty(n, dtype=np.int64)

@@ -154,7 +154,7 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     """Group near-duplicates among exact-dedup survivors; write manifest.parquet, edges.parquet, components.json.
 
     Grouping (`groups.group_pairs`): giant components handled per `hash.giant_*`, then greedy representatives in the
-    documented order (largest width*height, then smallest id); each removed row is within `hash.threshold` of the
+    documented order (largest width*height, then first listed); each removed row is within `hash.threshold` of the
     row it is removed in favour of. Removed rows get dup_kind='near', dup_of=that row's id, dup_group=its row_id;
     exact duplicates keep their dup_of and follow their kept member into its group (dup_group).
     """
@@ -172,7 +172,7 @@ def finish_near(ctx: StageContext, table: pa.Table) -> dict:
     ids = np.array(table.column("id").to_pylist())
     limit = giant_limit(len(cand), cfg.giant_fraction, cfg.giant_min_size)
     grouping = group_pairs(len(cand), ci, cj, -dist.astype(np.int64), dist.astype(np.int64),
-                           quality_rank(w * h, ids[cand]), limit, cfg.giant_action)
+                           quality_rank(w * h, cand), limit, cfg.giant_action)
     rep = cand[grouping.rep]
     group = np.array(table.column("dup_group").to_pylist(), dtype=np.int64)
     dup_of, kind = table.column("dup_of").to_pylist(), table.column("dup_kind").to_pylist()

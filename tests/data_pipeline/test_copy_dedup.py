@@ -183,9 +183,9 @@ def test_self_pairs_resume_reuses_work_files(tmp_path):
 def _scenario(seed: int = 0) -> dict:
     """Rows (manifest order) with planted structure; vec None = not in the embedded pool.
 
-    Groups: A (4 copies; two tie on the largest pixels, the smaller id must win), B (3 copies), a chain
-    a~b~c with cos(a, c) ~ 0, an audit pair at 0.57 (no edge) and one at 0.63 (edge), 40 distinct images,
-    a rejected row and an exact duplicate of an A member (both outside the pool).
+    Groups: A (4 copies; two tie on the largest pixels, the first listed must win), B (3 copies), a chain
+    a~b~c with cos(a, c) ~ 0 and b the smallest, an audit pair at 0.57 (no edge) and one at 0.63 (edge), 40 distinct
+    images, a rejected row and an exact duplicate of an A member (both outside the pool).
     """
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
@@ -201,7 +201,7 @@ def _scenario(seed: int = 0) -> dict:
     for k in range(3):
         add(f"B{k}", _unit(base_b + 0.043 * rng.standard_normal(D)), 64 + k, 64, id=f"idB-{k}")
     for k, v in enumerate(_pair_at(rng, 0.7, 3)):
-        add(f"C{k}", v, id=f"idC-{k}")
+        add(f"C{k}", v, 90 if k == 1 else 100, 90 if k == 1 else 100, id=f"idC-{k}")
     for k, v in enumerate(_pair_at(rng, 0.57)):
         add(f"L{k}", v, id=f"idL-{k}")
     for k, v in enumerate(_pair_at(rng, 0.63)):
@@ -284,13 +284,15 @@ def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
     d = tmp_path / "copy_dedup"
     m = _by_name(sc, artifacts.read_table(d / "manifest.parquet"))
     pos = sc["pos"]
-    # A: largest pixels tie between "zz" and "aa" -> smaller id "idA-aa" (A2) wins. B: widest (B2).
-    # The chain C0~C1~C2 (cos(C0, C2) ~ 0): C0 is kept and C2, never removed in favour of C0, too; C1 goes to the
-    # closer of the two (both at cos ~0.7; float16 rounding decides).
+    # A: largest pixels tie between A1 and A2 -> the first listed wins (never the id: ids hash the source path).
+    # B: widest (B2). The chain C0~C1~C2 (cos(C0, C2) ~ 0, C1 the smallest): C0 and C2 are both kept, neither removed
+    # in favour of the other; C1 goes to the closer of the two (both at cos ~0.7; float16 rounding decides; ties: the
+    # first listed). H0/H1 tie on size: the first listed is kept.
     vec = {r["name"]: r["vec"].astype(np.float16).astype(np.float32) for r in sc["rows"] if r["vec"] is not None}
-    c1_rep = max(("C0", "C2"), key=lambda c: (float(vec["C1"] @ vec[c]), c == "C0"))
-    expected_rep = {**{f"A{k}": "A2" for k in range(4)}, **{f"B{k}": "B2" for k in range(3)},
-                    "C0": "C0", "C1": c1_rep, "C2": "C2", "H0": "H0", "H1": "H0"}
+    c1_rep = max(("C0", "C2"), key=lambda c: (float(vec["C1"] @ vec[c]), -pos[c]))
+    a_rep, h_rep = min(("A1", "A2"), key=pos.__getitem__), min(("H0", "H1"), key=pos.__getitem__)
+    expected_rep = {**{f"A{k}": a_rep for k in range(4)}, **{f"B{k}": "B2" for k in range(3)},
+                    "C0": "C0", "C1": c1_rep, "C2": "C2", "H0": h_rep, "H1": h_rep}
     for name, rec in m.items():
         if name in ("rejected", "dupA1"):
             assert rec["copy_component"] == -1 and not rec["keep"]
@@ -304,7 +306,7 @@ def test_copy_dedup_planted_components_and_representatives(tmp_path, capsys):
             assert rec["dup_kind"] == "" and rec["dup_group"] == pos[name]
     # The exact duplicate of A1 follows A1 to the group's kept member; it keeps its own dup_kind and its dup_of (the
     # image it was removed in favour of).
-    assert m["dupA1"]["dup_group"] == pos["A2"] and m["dupA1"]["dup_of"] == "idA-zz"
+    assert m["dupA1"]["dup_group"] == pos[a_rep] and m["dupA1"]["dup_of"] == "idA-zz"
     assert m["dupA1"]["dup_kind"] == "exact_bytes"
     assert m["L0"]["keep"] and m["L1"]["keep"]  # 0.57 is below the edge threshold
     # The chain: C0~C1, C1~C2 are edges, C0~C2 is not; all three are one component of the graph, not one group.
@@ -403,13 +405,15 @@ def test_decontaminate_removes_whole_touched_component(tmp_path, capsys):
             assert a["dup_kind"] == (b["dup_kind"] if not b["keep"] else "contaminated"), name
         else:
             assert a == {**b, "contaminated_by": None}, name
-    assert after["A2"]["dup_kind"] == "contaminated" and after["A1"]["dup_kind"] == "copy"
+    a_kept, a_copy = sorted(("A1", "A2"), key=pos.__getitem__)  # the size tie goes to the first listed
+    assert after[a_kept]["dup_kind"] == "contaminated" and after[a_copy]["dup_kind"] == "copy"
     matches = artifacts.read_table(tmp_path / "decontaminate/matches.parquet")
     assert set(matches.column("eval_set").to_pylist()) == {"evalA", "evalR"}
     assert (matches.column("sim").to_numpy() > 0.45).all()
     assert pos["A3"] in matches.column("row_id").to_pylist()
     sets = res.counts["sets"]
-    # evalA's component had 5 rows: A2 removed here; A0, A1, A3 (copies) and dupA1 were already removed upstream.
+    # evalA's component had 5 rows: its kept member removed here; A0, the other of A1/A2, A3 (copies) and dupA1
+    # were already removed upstream.
     assert sets["evalA"] == {"eval_images": 2, "matches": sets["evalA"]["matches"], "matched_components": 1,
                              "removed_rows": 1, "already_removed": 4, "index": "flat",
                              "index_bytes": sets["evalA"]["index_bytes"], "recall": 1.0, "recall_at_k": 1.0,

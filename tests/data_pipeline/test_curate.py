@@ -103,6 +103,31 @@ def test_planted_exact_and_near_recall_no_false_merges(planted_run):
     assert sum(json.loads((out / "exact_dedup" / "stats.json").read_text())["removed"].values()) == 2 * 6
 
 
+def _decisions(out: Path, src: Path) -> dict[str, tuple]:
+    """Each stage's decisions per file, named by its path under the source (ids hash the source's own path)."""
+    rows = {}
+    for stage in ("exact_dedup", "near_dedup"):
+        table = pq.read_table(out / stage / "manifest.parquet").to_pylist()
+        name_of = {r["id"]: str(Path(r["path"]).relative_to(src)) for r in table}
+        for r in table:
+            rows[(stage, name_of[r["id"]])] = (r["keep"], r["dup_kind"], r["dup_group"], name_of.get(r["dup_of"]),
+                                               r.get("phash"))
+    return rows
+
+
+def test_same_crawl_at_another_path_curates_the_same(planted_run, planted_copy, tmp_path):
+    # Ties in the representative order (an exact copy has its original's size) go to the listing position, not to
+    # the id, which hashes the source's path: a crawl moved or mounted elsewhere must keep the same images.
+    src, _, out, _ = planted_run
+    moved, _ = planted_copy
+    moved_out = tmp_path / "moved_out"
+    curate(_cfg(moved), moved_out, HASH_STAGES)
+    here, there = _decisions(out, src), _decisions(moved_out, moved)
+    assert len(here) == 2 * 54
+    assert there == here
+    assert {r["id"] for r in _rows(out)}.isdisjoint(r["id"] for r in _rows(moved_out))  # ids differ, decisions not
+
+
 def test_rerun_writes_nothing(planted_run):
     src, _, out, _ = planted_run
     before = _snapshot(out)

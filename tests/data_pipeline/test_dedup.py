@@ -70,11 +70,11 @@ def test_connected_labels_vs_bfs():
         assert labels[start] == min(seen)  # root = smallest member: deterministic
 
 
-def test_representative_rule_largest_then_smallest_id():
+def test_representative_rule_largest_then_first_listed():
     labels = np.array([0, 0, 0, 3, 3, 5])
     pixels = np.array([100, 400, 400, 10, 10, 1])
-    ids = np.array(["c", "b", "a", "z", "y", "q"])
-    assert pick_representatives(labels, pixels, ids).tolist() == [2, 2, 2, 4, 4, 5]
+    listed = np.array([5, 4, 3, 0, 2, 1])
+    assert pick_representatives(labels, pixels, listed).tolist() == [2, 2, 2, 3, 3, 5]
 
 
 # ------------------------------------------------------------------------------- chain-free grouping
