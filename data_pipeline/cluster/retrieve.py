@@ -161,11 +161,14 @@ def _reasons_json(t: pa.Table) -> list[str]:
 def union(long: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """Deduplicate reason rows by (row_id, id).
 
+    Seeds outside the pool all have row_id -1; among them the content (sha256) orders before the id, because ids hash
+    the seed folder's path: the same seeds at another path must give the same selection order, hence the same shards.
+
     Returns:
-        long form sorted by (row_id, id, seed_set, mode, seed_id, rank), the selected table (one row per image, with
-        a `reasons` JSON list in that order) and the image index [m] of each long-form row.
+        long form sorted by (row_id, sha256, id, seed_set, mode, seed_id, rank), the selected table (one row per image,
+        with a `reasons` JSON list in that order) and the image index [m] of each long-form row.
     """
-    keys = [(c, "ascending", "at_end") for c in ("row_id", "id", "seed_set", "mode", "seed_id", "rank")]
+    keys = [(c, "ascending", "at_end") for c in ("row_id", "sha256", "id", "seed_set", "mode", "seed_id", "rank")]
     long = long.take(pc.sort_indices(long, sort_keys=keys))
     row_id = long.column("row_id").to_numpy()
     ids = np.array(long.column("id").to_pylist(), dtype=object)

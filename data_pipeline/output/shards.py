@@ -7,7 +7,9 @@ Layout of `D/shards/`:
     index.json                wids-shard-index-v1 (`shardlist` of {url, nsamples, filesize, md5sum}) + totals
 
 Sample order is a seeded global shuffle: position = `numpy.random.Generator(PCG64(cfg.seed)).permutation` of the
-selected rows (sorted by row_id, id), so a sequential reader sees a mixed stream and the same seed gives the same tars.
+selected rows (sorted by row_id, sha256, id), so a sequential reader sees a mixed stream and the same seed gives the
+same tars. (Seeds outside the pool share row_id -1 and ids hash the source path: content orders them first, so the
+same crawl and seeds at another path give the same sample order.)
 Tars are written by webdataset's `TarWriter` and are byte-deterministic: USTAR headers, mtime 0, uid/gid 0, empty
 user/group names, mode 0o444, fixed member order. (Its `ShardWriter` is not used: it checks its limits after a
 sample is added, and it cannot resume.) Shards are written one after another (a shard's end depends on the bytes of
@@ -110,7 +112,7 @@ def tar_file_size(payload: int) -> int:
 
 
 def plan_shards(ctx: StageContext) -> pa.Table:
-    """retrieve/selected.parquet (sorted by row_id, id) plus `key` (sanitised, unique) and `order` (the sample's
+    """retrieve/selected.parquet (sorted by row_id, sha256, id) plus `key` (sanitised, unique) and `order` (the sample's
     position in the shards: a permutation seeded by `cfg.seed`, so the seed enters the fingerprint via the plan)."""
     cfg = ctx.cfg.shards
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", cfg.prefix):
@@ -121,7 +123,8 @@ def plan_shards(ctx: StageContext) -> pa.Table:
     missing = [c for c in SELECTED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"retrieve/selected.parquet lacks columns {missing}")
-    table = table.select(list(SELECTED_COLUMNS)).sort_by([("row_id", "ascending"), ("id", "ascending")])
+    table = table.select(list(SELECTED_COLUMNS)).sort_by([("row_id", "ascending"), ("sha256", "ascending"),
+                                                          ("id", "ascending")])
     n = table.num_rows
     perm = np.random.Generator(np.random.PCG64(ctx.cfg.seed)).permutation(n)
     order = np.empty(n, dtype=np.int64)
@@ -417,7 +420,7 @@ def finish_shards(ctx: StageContext, table: pa.Table) -> dict:
         "total_bytes": total,
         "selected": table.num_rows,
         "rejects": dict(sorted(rejects.items())),
-        "order": f"seeded permutation of selected rows sorted by (row_id, id), PCG64 seed {ctx.cfg.seed}",
+        "order": f"seeded permutation of selected rows sorted by (row_id, sha256, id), PCG64 seed {ctx.cfg.seed}",
         "reencode": sc.reencode,
     }
     artifacts.write_json_atomic(ctx.stage_dir("shards") / "index.json", index)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,41 @@ def test_shards_hold_exactly_the_selection(full_setup):
     retrieved = {Path(m["path"]).name.split("_")[0].split(".")[0] for m in metas if "sample" in reasons[m["id"]]}
     assert retrieved == set(SEED_PHOTOS)  # each seed's nearest pool image is a copy of its photo
     assert (out / "report" / "report.html").is_file()
+
+
+def _shard_stream(out: Path) -> list[tuple]:
+    """Each sample in shard order, named by file name (ids and paths name the location), with its image bytes."""
+    index = json.loads((out / "shards" / "index.json").read_text())
+    urls = [str(out / "shards" / s["url"]) for s in index["shardlist"]]
+    stream = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        image = next(v for k, v in sample.items() if k in ("jpg", "png", "webp"))
+        stream.append((Path(meta["path"]).name, meta["member"], meta["sha256"], meta["cluster"],
+                       sorted((r["seed_set"], r["mode"]) for r in meta["reasons"]), image))
+    return stream
+
+
+def test_same_crawl_at_another_path_gives_the_same_shards(full_setup, tmp_path):
+    """Sources, seeds and evaluation set moved elsewhere: every decision and the shard stream are the same (ids hash
+    the source's path, so nothing may order or break ties by id)."""
+    src, _, root, out, overrides, _ = full_setup
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(src, moved / "crawl")
+    for name in ("eval", "seeds", "extra"):
+        shutil.copytree(root / name, moved / name)
+    moved_overrides = [o.replace(str(src), str(moved / "crawl")).replace(str(root), str(moved)) for o in overrides]
+    assert moved_overrides != overrides
+    moved_out = moved / "out"
+    curate(load_config(TINY, moved_overrides), moved_out)
+
+    def decisions(where: Path) -> list[tuple]:
+        return [(Path(r["path"]).name, r["member"], r["keep"], r["dup_kind"], r.get("contaminated_by"))
+                for r in _manifest(where, "decontaminate")]
+
+    assert decisions(moved_out) == decisions(out)
+    here, there = _shard_stream(out), _shard_stream(moved_out)
+    assert len(here) > 2 * len(SEED_PHOTOS) and there == here
 
 
 def test_trainer_trains_on_the_shards(full_setup, tmp_path, tiny_train):
