@@ -45,14 +45,14 @@ def _pixels(manifest) -> np.ndarray:
             np.nan_to_num(manifest.column("height").to_numpy(zero_copy_only=False).astype(float))).astype(np.int64)
 
 
-def _components(n: int, nodes: np.ndarray, i: np.ndarray, j: np.ndarray, pixels: np.ndarray,
-                ids: np.ndarray) -> np.ndarray:
-    """Former rule on the row space: the best row of each connected component of `nodes` (others map to self)."""
+def _components(n: int, nodes: np.ndarray, i: np.ndarray, j: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Former rule on the row space: the best row of each connected component of `nodes` (others map to self); ties
+    in size go to the first listed row, as in the pipeline."""
     rep = np.arange(n, dtype=np.int64)
     local = np.full(n, -1, dtype=np.int64)
     local[nodes] = np.arange(nodes.size)
     labels = connected_labels(nodes.size, local[i], local[j])
-    rep[nodes] = nodes[pick_representatives(labels, pixels[nodes], ids[nodes])]
+    rep[nodes] = nodes[pick_representatives(labels, pixels[nodes], nodes)]
     return rep
 
 
@@ -78,7 +78,6 @@ def former_rule(curated: Path, copy_k: int, copy_threshold: float,
     exact = pq.read_table(curated / "exact_dedup" / "manifest.parquet")
     near = pq.read_table(curated / "near_dedup" / "manifest.parquet")
     n = exact.num_rows
-    ids = np.array(exact.column("id").to_pylist())
     pixels = _pixels(exact)
     kept_exact = np.array(exact.column("dup_group").to_pylist(), dtype=np.int64)
     flags = near.column("phash_flags").to_numpy()
@@ -87,14 +86,14 @@ def former_rule(curated: Path, copy_k: int, copy_threshold: float,
         cand &= (flags & FLAG_DEGENERATE) == 0
     edges = pq.read_table(curated / "near_dedup" / "edges.parquet")
     near_rep = _components(n, np.flatnonzero(cand), edges.column("i").to_numpy(), edges.column("j").to_numpy(),
-                           pixels, ids)
+                           pixels)
     kept_near = near_rep[kept_exact]
     pool_rows = pq.read_table(curated / "embed_copy" / "pool_rows.parquet").column("row_id").to_numpy()
     vectors = np.load(curated / "embed_copy" / "pool.npy", mmap_mode="r")
     in_pool = np.flatnonzero(kept_near[pool_rows] == pool_rows)  # the former near stage's survivors
     a, b = _knn_edges(np.asarray(vectors[in_pool]), copy_k, copy_threshold)
     rows = pool_rows[in_pool]
-    copy_rep = _components(n, rows, rows[a], rows[b], pixels, ids)
+    copy_rep = _components(n, rows, rows[a], rows[b], pixels)
     return {"exact_dedup": kept_exact, "near_dedup": kept_near, "copy_dedup": copy_rep[kept_near]}
 
 

@@ -288,3 +288,20 @@ def test_report_numbers_match_the_manifests(full_setup):
     page = (out / "report" / "report.html").read_text()
     assert "0.850 &lt; cos &lt;= 0.950 around the threshold 0.900" in page
     assert "already removed by an earlier stage" in page
+
+
+def test_demo_former_rule_comparison_reads_a_curated_output(full_setup):
+    """make demo's dedup table rebuilds the former connected-components rule from the stage artifacts: at the pHash
+    level (same edges) components remove at least what chain-free groups remove, and both keep a kept row."""
+    from demo.dedup_eval import former_rule, pipeline_rule
+
+    _, _, _, out, _, _ = full_setup
+    former, pipeline = former_rule(out, copy_k=8, copy_threshold=0.9), pipeline_rule(out)
+    n = len(_manifest(out, "exact_dedup"))
+    for stage in ("exact_dedup", "near_dedup", "copy_dedup"):
+        for kept_of in (former[stage], pipeline[stage]):
+            assert kept_of.shape == (n,) and (kept_of[kept_of] == kept_of).all(), stage  # maps to a kept row
+    assert (former["exact_dedup"] == pipeline["exact_dedup"]).all()
+    removed = {name: int((rule["near_dedup"] != np.arange(n)).sum()) for name, rule in
+               (("former", former), ("pipeline", pipeline))}
+    assert removed["former"] >= removed["pipeline"] > 0
