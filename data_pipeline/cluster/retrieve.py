@@ -8,8 +8,8 @@ Per seed set (embed_ssl/seed-<name>.npy + .parquet), one mode:
   `min_seeds_in_cluster` seeds contributes `per_cluster` random members (all when smaller), and the set is then capped
   at `max_images` by a seeded subsample.
 With `cluster.mode=hierarchical` and `cluster.balanced_size > 0`, a balanced hierarchical sample (mode `balanced`) is
-added. The union is deduplicated by (row_id, id) keeping every reason: `selected.parquet` (one row per image) and
-`retrieval.parquet` (one row per (image, reason)).
+added. The union is deduplicated by (row_id, id) keeping every reason and ordered by (row_id, sha256, id):
+`selected.parquet` (one row per image) and `retrieval.parquet` (one row per (image, reason)).
 """
 
 from __future__ import annotations
