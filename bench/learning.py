@@ -16,8 +16,8 @@ Data (real images, nothing downloaded at run time):
   objects under ``/usr/share/tuxpaint/stamps/<category>/``. Classes are the top-level categories with at least 30
   images (animals, food, household, plants, seasonal, symbols, town, vehicles), at most 80 images per class,
   composited onto white at 64 px. Per class a seeded 60/40 split gives the kNN train and val sets. The classes are
-  semantic and there are 287 training drawings: over three seeds the official recipe moves kNN (k = 20) by +7.8
-  points on average, the small-batch regime by +11.0.
+  semantic and there are 287 training drawings: over five seeds the official recipe moves kNN (k = 20) by +6.0
+  points on average, the small-batch regime by +10.4.
 - ``emoji``: colour emoji, two independent artworks of each: Google's Noto Color Emoji and EmojiOne 3 (``apt-get
   install unicode-data fonts-noto-color-emoji ruby-gemojione``; EmojiOne's 64 px PNGs come with the Ruby gem). Classes
   are 14 concepts made of Unicode's emoji subgroups (``/usr/share/unicode/emoji/emoji-test.txt``): mammal, bird,
@@ -25,9 +25,9 @@ Data (real images, nothing downloaded at run time):
   single-code-point emoji only, at most 40 per class. A seeded 60/40 split of the emoji gives kNN train (471 images)
   and val (313): both drawings of an emoji go to its split, so val holds animals, dishes, vehicles... never seen in
   training. Each drawing is placed at a random size (40-80% of the side), tilt and position on a random light
-  gradient, 64 px. The classes are semantic, not visual: random-init kNN (k = 20) is 14.7-16.6% (by seed), about
-  twice chance (7.1%); over three seeds 600 iterations of the official recipe gain +3.5 points with the teacher's
-  targets at 1.00 ln K, the small-batch regime +9.6 with them at 0.69 ln K.
+  gradient, 64 px. The classes are semantic, not visual: random-init kNN (k = 20) is 14.7-17.3% (by seed), about
+  twice chance (7.1%); over five seeds 600 iterations of the official recipe gain +3.5 points with the teacher's
+  targets at 1.00 ln K, the small-batch regime +8.6 with them at 0.69 ln K.
 
 In all three, the SSL run sees the kNN-train images only, without labels. A paired exact McNemar test on the val images
 says whether the trained model's gain over random init is more than noise.
