@@ -244,4 +244,5 @@ STAGE = Stage(
     config_sections=("retrieve", "cluster", "seed"),
     plan=plan_retrieve,
     finish=finish_retrieve,
+    rules=1,  # 1: order (row_id, sha256, id) (was: row_id, id)
 )

@@ -49,6 +49,9 @@ class Stage:
             the shard results in order (or the plan itself when there is no per-shard function).
         map_shard: optional module-level per-shard function `(cfg, rows) -> rows`, run by the executor.
         reject_item: optional `(rows, reason) -> rows` giving the result for an item whose worker died or hung.
+        rules: revision of the stage's decision rules, raised when the same inputs would now give other outputs, so
+            that an output directory written by an earlier version is redone rather than skipped (0 adds nothing to
+            the fingerprint).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Stage:
     finish: Callable[[StageContext, pa.Table], dict]
     map_shard: Callable[[CurateConfig, pa.Table], pa.Table] | None = None
     reject_item: Callable[[pa.Table, str], pa.Table] | None = None
+    rules: int = 0
 
 
 @dataclass
@@ -108,9 +112,11 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageResult:
     for name in stage.inputs:
         ctx.require(name)
     plan = stage.plan(ctx)
-    fingerprint = artifacts.digest(
-        {"stage": stage.name, "config": section_dict(ctx.cfg, *stage.config_sections), "plan": _table_digest(plan)}
-    )
+    identity: dict = {"stage": stage.name, "config": section_dict(ctx.cfg, *stage.config_sections),
+                      "plan": _table_digest(plan)}
+    if stage.rules:  # absent at 0, so the fingerprints of stages never revised stay what they were
+        identity["rules"] = stage.rules
+    fingerprint = artifacts.digest(identity)
     stage_dir = ctx.stage_dir(stage.name)
     marker = artifacts.read_success(stage_dir)
     if marker is not None and marker.get("fingerprint") == fingerprint:

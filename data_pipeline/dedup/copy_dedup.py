@@ -355,4 +355,5 @@ STAGE = Stage(
     config_sections=("copy_dedup",),
     plan=plan_copy_dedup,
     finish=finish_copy_dedup,
+    rules=1,  # 1: ties to the first listed (was: smallest id)
 )

@@ -85,4 +85,5 @@ STAGE = Stage(
     config_sections=(),
     plan=plan_exact,
     finish=finish_exact,
+    rules=1,  # 1: ties to the first listed (was: smallest id)
 )

@@ -217,4 +217,5 @@ STAGE = Stage(
     config_sections=("hash",),
     plan=plan_near,
     finish=finish_near,
+    rules=1,  # 1: ties to the first listed (was: smallest id)
 )

@@ -435,4 +435,5 @@ STAGE = Stage(
     config_sections=("shards", "decode", "seed"),
     plan=plan_shards,
     finish=finish_shards,
+    rules=1,  # 1: order (row_id, sha256, id) (was: row_id, id)
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -210,3 +211,18 @@ def test_near_dedup_stage_chain_and_giant(tmp_path):
     assert res.counts["giant_components"] == 1 and res.counts["removed"] == {"near": 1}
     rows = artifacts.read_table(tmp_path / "near_dedup" / "manifest.parquet").to_pylist()
     assert [r["keep"] for r in rows[:4]] == [True, True, True, False] and rows[3]["dup_of"] == "id-1"
+
+
+def test_a_revised_rule_redoes_the_stage(tmp_path):
+    # An output written under an earlier rule revision is redone, not skipped; the same revision is skipped.
+    hashes = [0x0F0F_0F0F_0F0F_0F0F ^ (1 << k) for k in range(3)]
+    _near_upstream(tmp_path, hashes, [100, 100, 100])
+    cfg = load_config(None, ["hash.threshold=4", "hash.threads=1"])
+    ctx = StageContext(cfg, tmp_path)
+    assert not run_stage(NEAR_STAGE, ctx).skipped
+    first = json.loads((tmp_path / "near_dedup" / "_SUCCESS.json").read_text())["fingerprint"]
+    assert run_stage(NEAR_STAGE, ctx).skipped
+    revised = dataclasses.replace(NEAR_STAGE, rules=NEAR_STAGE.rules + 1)
+    assert not run_stage(revised, ctx).skipped
+    assert json.loads((tmp_path / "near_dedup" / "_SUCCESS.json").read_text())["fingerprint"] != first
+    assert run_stage(revised, ctx).skipped
