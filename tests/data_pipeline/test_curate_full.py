@@ -113,12 +113,17 @@ def test_hash_and_copy_dedup_keep_one_per_planted_photo(full_setup):
     assert set(bases) == {base for base, _ in truth.values()}, "a photo lost all its copies"
 
 
+def _shard_samples(out: Path) -> list[dict]:
+    """Every sample of the curated shards, in shard order (the shards' index.json lists the tars)."""
+    index = json.loads((out / "shards" / "index.json").read_text())
+    urls = [str(out / "shards" / s["url"]) for s in index["shardlist"]]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
 def test_shards_hold_exactly_the_selection(full_setup):
     _, _, _, out, _, _ = full_setup
     selected = pq.read_table(out / "retrieve" / "selected.parquet").to_pylist()
-    index = json.loads((out / "shards" / "index.json").read_text())
-    urls = [str(out / "shards" / s["url"]) for s in index["shardlist"]]
-    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    samples = _shard_samples(out)
     metas = [json.loads(s["json"]) for s in samples]
     assert sorted(m["id"] for m in metas) == sorted(r["id"] for r in selected)
     reasons = {m["id"]: {r["mode"] for r in m["reasons"]} for m in metas}
@@ -130,10 +135,8 @@ def test_shards_hold_exactly_the_selection(full_setup):
 
 def _shard_stream(out: Path) -> list[tuple]:
     """Each sample in shard order, named by file name (ids and paths name the location), with its image bytes."""
-    index = json.loads((out / "shards" / "index.json").read_text())
-    urls = [str(out / "shards" / s["url"]) for s in index["shardlist"]]
     stream = []
-    for sample in wds.WebDataset(urls, shardshuffle=False):
+    for sample in _shard_samples(out):
         meta = json.loads(sample["json"])
         image = next(v for k, v in sample.items() if k in ("jpg", "png", "webp"))
         stream.append((Path(meta["path"]).name, meta["member"], meta["sha256"], meta["cluster"],
